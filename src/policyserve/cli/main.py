@@ -1,0 +1,44 @@
+"""``policyserve`` command line: one module per sub-command under ``policyserve.cli``.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func=<callable(args) -> int>``. Heavy imports (torch, MuJoCo, pyarrow) stay inside the callables
+so that ``policyserve --help`` and the client-only install stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyserve",
+        description="Serve, replay and evaluate robot policies over GR00T's ZeroMQ wire protocol.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"policyserve.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"policyserve.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
