@@ -1,0 +1,22 @@
+"""Shared test setup: headless rendering and paths to the shipped test data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def gr1_dataset_path() -> Path:
+    path = SHARED_DATASETS / "gr1.PickNPlace"
+    if not path.is_dir():
+        pytest.skip(f"shared dataset not found at {path}")
+    return path
