@@ -1,0 +1,33 @@
+"""Argument helpers shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_server_address(parser: argparse.ArgumentParser, *, host: str = "127.0.0.1", port: int = 5555) -> None:
+    parser.add_argument("--host", default=host, help=f"address (default {host}; 0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=port, help=f"TCP port (default {port})")
+
+
+def add_api_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-token",
+        default=os.environ.get("POLICYSERVE_API_TOKEN"),
+        help="shared secret required on every request (default: $POLICYSERVE_API_TOKEN)",
+    )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'128' or '128x96' (HxW) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}")

@@ -1,0 +1,131 @@
+"""``policyserve serve``: a policy server with GR00T's ``run_gr00t_server.py`` flags.
+
+Policy source, first match wins: ``--model-path`` (a trained checkpoint), ``--dataset-path`` (replay
+a LeRobot dataset), ``--policy scripted:<task>`` (the simulation's scripted expert), otherwise the
+built-in constant policy for the modality config (so a server always starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from .common import add_api_token, add_server_address
+
+DEFAULT_EMBODIMENT = "franka_panda"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a policy (model, replay, scripted or constant) over ZeroMQ",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_address(p)
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="validate observations and actions (default on)")
+    p.add_argument("--embodiment-tag", default=None,
+                   help="embodiment tag name or value (GR1, NEW_EMBODIMENT, franka_panda, ...)")
+    p.add_argument("--modality-config-path", default=None, help="JSON file of modality configs")
+    add_api_token(p)
+    p.add_argument("--model-path", default=None, help="checkpoint directory (model mode)")
+    p.add_argument("--device", default="cpu", help="torch device for model mode (cpu, cuda, cuda:0)")
+    p.add_argument("--dataset-path", default=None, help="LeRobot dataset to replay (replay mode)")
+    p.add_argument("--execution-horizon", type=int, default=None,
+                   help="replay: steps the cursor advances per get_action (default: the action horizon)")
+    p.add_argument("--action-horizon", type=int, default=16,
+                   help="replay: action chunk length when the config is inferred from the dataset (default 16)")
+    p.add_argument("--policy", default=None, help="built-in policy: 'scripted:lift', 'scripted:stack', 'constant'")
+    p.add_argument("--use-sim-policy-wrapper", action=argparse.BooleanOptionalAction, default=False,
+                   help="accept flat video.<k>/state.<k> observations and answer action.<k> (GR00T sim envs)")
+    p.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted (MiB)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="merge get_action requests from different clients arriving within this window")
+    p.set_defaults(func=run)
+
+
+def _modality_source(args: argparse.Namespace):
+    from ..registry import get_embodiment_spec, load_modality_config_file
+
+    if args.modality_config_path:
+        return load_modality_config_file(args.modality_config_path)
+    spec = get_embodiment_spec(args.embodiment_tag or DEFAULT_EMBODIMENT)
+    return spec.modality_configs, spec.dims
+
+
+def build_policy(args: argparse.Namespace):
+    """The policy the flags describe (without the sim wrapper)."""
+    if args.model_path:
+        from ..model import load_policy
+
+        return load_policy(args.model_path, embodiment_tag=args.embodiment_tag, device=args.device,
+                           strict=args.strict)
+    if args.dataset_path:
+        from ..policies.replay import make_replay_policy
+
+        return make_replay_policy(
+            args.dataset_path, args.execution_horizon, embodiment_tag=args.embodiment_tag,
+            modality_config_path=args.modality_config_path, action_horizon=args.action_horizon, strict=args.strict,
+        )
+    if args.policy and args.policy.startswith("scripted"):
+        from ..sim.scripted import make_scripted_policy
+
+        _, _, task = args.policy.partition(":")
+        return make_scripted_policy(task or "lift")
+    if args.policy not in (None, "constant"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown --policy {args.policy!r}; expected scripted:lift, scripted:stack or constant")
+    from ..policies.constant import ConstantPolicy
+
+    configs, dims = _modality_source(args)
+    return ConstantPolicy(configs, dims, strict=args.strict)
+
+
+def _describe(args: argparse.Namespace) -> list[str]:
+    from ..types import EmbodimentTag
+
+    tag = args.embodiment_tag or DEFAULT_EMBODIMENT
+    try:
+        tag = str(EmbodimentTag.resolve(tag))
+    except ValueError:
+        pass
+    mode = ("model" if args.model_path else "replay" if args.dataset_path
+            else args.policy or "constant (built-in default)")
+    lines = [f"  Embodiment tag: {tag}", f"  Mode: {mode}"]
+    if args.model_path:
+        lines += [f"  Model path: {args.model_path}", f"  Device: {args.device}"]
+    if args.dataset_path:
+        lines += [f"  Dataset path: {args.dataset_path}", f"  Execution horizon: {args.execution_horizon}"]
+    lines += [f"  Host: {args.host}", f"  Port: {args.port}", f"  Strict: {args.strict}",
+              f"  Auth: {'api token required' if args.api_token else 'none'}"]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import PolicyServeError
+    from ..policies.sim_wrapper import SimPolicyWrapper
+    from ..protocol.server import PolicyServer
+
+    print("Starting policyserve inference server...", flush=True)
+    for line in _describe(args):
+        print(line, flush=True)
+    try:
+        policy = build_policy(args)
+        if args.use_sim_policy_wrapper:
+            policy = SimPolicyWrapper(policy, strict=args.strict)
+        server = PolicyServer(policy, host=args.host, port=args.port, api_token=args.api_token,
+                              max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+                              batch_window_ms=args.batch_window_ms)
+        server.bind()
+    except (PolicyServeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    def _shutdown(signum: int, _frame: object) -> None:
+        print("\nShutting down server...", flush=True)
+        server.stop(timeout=0)
+
+    signal.signal(signal.SIGTERM, _shutdown)
+    signal.signal(signal.SIGINT, _shutdown)
+    server.run()
+    return 0
