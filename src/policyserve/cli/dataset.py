@@ -1,0 +1,103 @@
+"""``policyserve dataset info PATH``: summarise a LeRobot dataset (episodes, fps, features, tasks, modality keys)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``dataset`` command and its ``info`` sub-command."""
+    parser = subparsers.add_parser("dataset", help="inspect LeRobot datasets")
+    sub = parser.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
+    info = sub.add_parser("info", help="print episodes, lengths, fps, features, tasks and modality keys")
+    info.add_argument("path", help="dataset root (the folder holding meta/, data/, videos/)")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=run)
+    parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def describe(dataset: Any) -> dict[str, Any]:
+    """A JSON-ready summary of a :class:`~policyserve.data.lerobot.LeRobotDataset`."""
+    m = dataset.modality
+    first = dataset.episode_indices[0] if dataset.episode_indices else None
+    return {
+        "path": str(dataset.root),
+        "version": dataset.version,
+        "fps": dataset.fps,
+        "num_episodes": dataset.num_episodes,
+        "num_frames": dataset.num_frames,
+        "episodes": [
+            {"episode_index": i, "length": dataset.episode_length(i), "tasks": dataset.episode_tasks(i)}
+            for i in dataset.episode_indices
+        ],
+        "features": {
+            name: {"dtype": f.get("dtype"), "shape": f.get("shape")} for name, f in dataset.features.items()
+        },
+        "tasks": {str(i): t for i, t in sorted(dataset.tasks.items())},
+        "splits": dataset.info.get("splits") or {},
+        "modality_source": "derived from info.json features" if m.derived else "meta/modality.json",
+        "modality": {
+            "video": {
+                k: {"column": s.column, "has_files": first is not None and dataset.has_video(k, first)}
+                for k, s in m.video.items()
+            },
+            "state": {k: {"column": s.column, "start": s.start, "end": s.end} for k, s in m.state.items()},
+            "action": {k: {"column": s.column, "start": s.start, "end": s.end} for k, s in m.action.items()},
+            "language": {k: {"column": s.column} for k, s in m.language.items()},
+        },
+        "has_stats": dataset.stats is not None,
+    }
+
+
+def _span(entry: dict[str, Any]) -> str:
+    if entry["start"] is None and entry["end"] is None:
+        return entry["column"]
+    start = "" if entry["start"] is None else entry["start"]
+    end = "" if entry["end"] is None else entry["end"]
+    return f"{entry['column']}[{start}:{end}]"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable text of :func:`describe`'s summary."""
+    lines = [
+        f"Dataset {summary['path']}",
+        f"  LeRobot {summary['version']}, {summary['num_episodes']} episodes, {summary['num_frames']} frames, "
+        f"{summary['fps']:g} fps, stats.json {'present' if summary['has_stats'] else 'missing'}",
+        "Episodes (episode_index: length, tasks):",
+    ]
+    lines += [f"  {e['episode_index']}: {e['length']}  {'; '.join(e['tasks'])}" for e in summary["episodes"]]
+    lines.append("Features:")
+    lines += [f"  {name}: {f['dtype']} {f['shape']}" for name, f in summary["features"].items()]
+    lines.append("Tasks (task_index: text):")
+    lines += [f"  {i}: {t}" for i, t in summary["tasks"].items()]
+    if summary["splits"]:
+        lines.append("Splits: " + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
+    lines.append(f"Modality keys ({summary['modality_source']}):")
+    mod = summary["modality"]
+    for key, e in mod["video"].items():
+        lines.append(f"  video.{key} <- {e['column']}{'' if e['has_files'] else '  (no video files)'}")
+    for group in ("state", "action"):
+        lines += [f"  {group}.{key} <- {_span(e)}" for key, e in mod[group].items()]
+    lines += [f"  language {key} <- {e['column']}" for key, e in mod["language"].items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary of the dataset at ``args.path``."""
+    from ..data.lerobot import DatasetError, LeRobotDataset
+
+    try:
+        summary = describe(LeRobotDataset(args.path))
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

@@ -1,0 +1,252 @@
+"""ReplayPolicy: serve the recorded actions of a LeRobot dataset through the policy API (GR00T semantics).
+
+Each ``get_action`` returns the chunk ``actions[cursor : cursor + H]`` of the current episode (H =
+``delta_indices[-1] - delta_indices[0] + 1``), padded with the last recorded action past the end and tiled to the
+batch size, then advances the cursor by ``execution_horizon``. ``reset`` selects the episode and start step;
+a list of episode indices replays a different episode in each of B environments.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.lerobot import DatasetError, LeRobotDataset
+from ..errors import ConfigError
+from ..registry import get_modality_configs, load_modality_config_file, parse_modality_configs
+from ..types import EmbodimentTag, ModalityConfigs, ModalityDims
+from .base import Action, BasePolicy, Info, Observation
+from .validation import action_horizon
+
+log = logging.getLogger(__name__)
+
+
+class ReplayError(DatasetError):
+    """A replay request names an episode, step or batch layout the dataset cannot serve."""
+
+
+def _as_index(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ReplayError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+class ReplayPolicy(BasePolicy):
+    """Replays a LeRobot dataset's actions; observations are validated (when strict) but otherwise ignored."""
+
+    def __init__(
+        self,
+        dataset_path: str | Path | LeRobotDataset,
+        modality_configs: ModalityConfigs | dict[str, Any],
+        execution_horizon: int | None,
+        *,
+        strict: bool = True,
+    ) -> None:
+        """``execution_horizon=None`` advances by the whole action horizon per call."""
+        super().__init__(strict=strict)
+        self.dataset = dataset_path if isinstance(dataset_path, LeRobotDataset) else LeRobotDataset(dataset_path)
+        self.modality_configs = parse_modality_configs(modality_configs, "replay modality config")
+        self._check_keys_in_dataset()
+        self.action_keys = list(self.modality_configs["action"].modality_keys)
+        if not self.action_keys:
+            raise ConfigError("the action modality config lists no keys; nothing to replay")
+        self.action_horizon = action_horizon(self.modality_configs["action"])
+        if execution_horizon is None:
+            execution_horizon = self.action_horizon
+        if isinstance(execution_horizon, bool) or not isinstance(execution_horizon, int) or execution_horizon < 1:
+            raise ConfigError(f"execution_horizon must be a positive integer, got {execution_horizon!r}")
+        if execution_horizon > self.action_horizon:
+            raise ConfigError(
+                f"execution_horizon ({execution_horizon}) must not exceed the action horizon ({self.action_horizon}, "
+                "from the action delta_indices): the client would execute actions the server never sent. "
+                "Lower --execution-horizon or raise --action-horizon."
+            )
+        self.execution_horizon = execution_horizon
+        if not self.dataset.num_episodes:
+            raise DatasetError(f"dataset {self.dataset.root} has no episodes to replay")
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._episodes = [self.dataset.episode_indices[0]]
+        self._steps = [0]
+        self._per_env = False
+        self._dims = {k: v.shape[1] for k, v in self._actions(self._episodes[0]).items()}
+
+    def _check_keys_in_dataset(self) -> None:
+        known = {"action": self.dataset.action_keys, "state": self.dataset.state_keys, "video": self.dataset.video_keys}
+        for modality, keys in known.items():
+            missing = [k for k in self.modality_configs[modality].modality_keys if k not in keys]
+            if missing:
+                raise ConfigError(
+                    f"{modality} key(s) {missing} of the modality config are not in dataset {self.dataset.root}; "
+                    f"its {modality} keys are {keys}"
+                )
+
+    @property
+    def num_episodes(self) -> int:
+        return self.dataset.num_episodes
+
+    def get_modality_config(self) -> ModalityConfigs:
+        return self.modality_configs
+
+    def get_modality_dims(self) -> ModalityDims:
+        return ModalityDims(action=dict(self._dims))
+
+    def _actions(self, episode_index: int) -> dict[str, np.ndarray]:
+        if episode_index not in self._cache:
+            self._cache[episode_index] = self.dataset.load_actions(episode_index, self.action_keys)
+        return self._cache[episode_index]
+
+    def _length(self, episode_index: int) -> int:
+        """Number of recorded actions of an episode."""
+        return len(next(iter(self._actions(episode_index).values())))
+
+    # ---- get_action -----------------------------------------------------------------------------------------
+
+    def get_action(self, observation: Observation | None, options: dict | None = None) -> tuple[Action, Info]:
+        """Next action chunk; with ``observation=None`` the batch size comes from ``options["batch_size"]``."""
+        if observation is not None:
+            return super().get_action(observation, options)
+        batch = (options or {}).get("batch_size", 1)
+        batch = _as_index(batch, "options['batch_size']")
+        if batch < 1:
+            raise ReplayError(f"options['batch_size'] must be >= 1, got {batch}")
+        action, info = self._replay(batch)
+        if self.strict:
+            self.check_action(action, batch)
+        return action, info
+
+    def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
+        return self._replay(self._batch_size(observation, options))
+
+    def _batch_size(self, observation: Observation, options: dict | None) -> int:
+        for modality in ("video", "state", "language"):
+            group = observation.get(modality) if isinstance(observation, dict) else None
+            if isinstance(group, dict):
+                for value in group.values():
+                    if isinstance(value, np.ndarray) and value.ndim >= 1:
+                        return int(value.shape[0])
+                    if isinstance(value, (list, tuple)):
+                        return len(value)
+        return _as_index((options or {}).get("batch_size", 1), "options['batch_size']")
+
+    def _replay(self, batch: int) -> tuple[Action, Info]:
+        if self._per_env and batch != len(self._episodes):
+            raise ReplayError(
+                f"batch size {batch} does not match the {len(self._episodes)} per-env episodes {self._episodes} "
+                f"set by reset(); reset with a list of {batch} episode indices or a single episode_index"
+            )
+        envs = range(len(self._episodes))
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.action_keys}
+        for env in envs:
+            actions = self._actions(self._episodes[env])
+            length = self._length(self._episodes[env])
+            rows = np.minimum(np.arange(self._steps[env], self._steps[env] + self.action_horizon), length - 1)
+            for key in self.action_keys:
+                chunks[key].append(actions[key][rows])
+        if self._per_env:
+            action = {k: np.stack(v) for k, v in chunks.items()}
+        else:
+            action = {k: np.repeat(v[0][None], batch, axis=0) for k, v in chunks.items()}
+        info = self._info(advance=self.execution_horizon)
+        self._steps = [s + self.execution_horizon for s in self._steps]
+        return action, info
+
+    def _info(self, advance: int) -> Info:
+        lengths = [self._length(e) for e in self._episodes]
+        done = [s + advance >= n for s, n in zip(self._steps, lengths, strict=True)]
+        if self._per_env:
+            return {
+                "current_step": list(self._steps),
+                "episode_index": list(self._episodes),
+                "episode_length": lengths,
+                "num_episodes": self.num_episodes,
+                "episode_done": done,
+            }
+        return {
+            "current_step": self._steps[0],
+            "episode_index": self._episodes[0],
+            "episode_length": lengths[0],
+            "num_episodes": self.num_episodes,
+            "episode_done": done[0],
+        }
+
+    # ---- reset ----------------------------------------------------------------------------------------------
+
+    def reset(self, options: dict | None = None) -> Info:
+        """Go to ``options["episode_index"]`` (an int, or a list: one episode per env) at ``options["step_index"]``.
+
+        Without options the current episode(s) restart at step 0. Bad indices raise :class:`ReplayError` (or
+        :class:`DatasetError` for unknown episodes) and leave the replay position unchanged.
+        """
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ReplayError(f"reset options must be a dict, got {type(options).__name__}")
+        per_env = self._per_env
+        episodes = list(self._episodes)
+        if options.get("episode_index") is not None:
+            value = options["episode_index"]
+            per_env = isinstance(value, (list, tuple, np.ndarray))
+            values = list(value) if per_env else [value]
+            if not values:
+                raise ReplayError("options['episode_index'] is an empty list; give one episode index per env")
+            episodes = [_as_index(v, "options['episode_index']") for v in values]
+        lengths = [self._length(e) for e in episodes]  # DatasetError names the valid indices
+        step_value = options.get("step_index", 0)
+        if isinstance(step_value, (list, tuple, np.ndarray)):
+            steps = [_as_index(s, "options['step_index']") for s in step_value]
+            if len(steps) != len(episodes):
+                raise ReplayError(
+                    f"options['step_index'] has {len(steps)} entries but there are {len(episodes)} episodes {episodes}"
+                )
+        else:
+            steps = [_as_index(step_value, "options['step_index']")] * len(episodes)
+        for episode, step, length in zip(episodes, steps, lengths, strict=True):
+            if not 0 <= step < length:
+                raise ReplayError(
+                    f"step_index {step} is out of range for episode {episode} (length {length}); "
+                    f"valid steps are 0..{length - 1}"
+                )
+        self._episodes, self._steps, self._per_env = episodes, steps, per_env
+        return self._info(advance=0)
+
+
+def make_replay_policy(
+    dataset_path: str | Path,
+    execution_horizon: int | None,
+    *,
+    embodiment_tag: str | EmbodimentTag | None = None,
+    modality_config_path: str | Path | None = None,
+    action_horizon: int = 16,
+    strict: bool = True,
+) -> ReplayPolicy:
+    """A ReplayPolicy whose modality config comes from a JSON file, else the embodiment registry, else the dataset.
+
+    An unregistered ``NEW_EMBODIMENT`` tag falls back to the config inferred from the dataset (every state,
+    action and video key, the task-description language key, ``action_horizon`` action steps).
+    """
+    dataset = LeRobotDataset(dataset_path)
+    if modality_config_path is not None:
+        configs, _ = load_modality_config_file(modality_config_path)
+    elif embodiment_tag is not None and not _is_unregistered_new_embodiment(embodiment_tag):
+        configs = get_modality_configs(embodiment_tag)
+    else:
+        if embodiment_tag is not None:
+            log.info("embodiment %s has no registered config; inferring one from %s", embodiment_tag, dataset.root)
+        configs = dataset.infer_modality_configs(action_horizon)
+    return ReplayPolicy(dataset, configs, execution_horizon, strict=strict)
+
+
+def _is_unregistered_new_embodiment(tag: str | EmbodimentTag) -> bool:
+    try:
+        resolved = EmbodimentTag.resolve(tag)
+    except ValueError:
+        return False
+    if resolved is not EmbodimentTag.NEW_EMBODIMENT:
+        return False
+    try:
+        get_modality_configs(resolved)
+    except ConfigError:
+        return True
+    return False
