@@ -84,11 +84,19 @@ def build_policy(args: argparse.Namespace):
 def _describe(args: argparse.Namespace) -> list[str]:
     from ..types import EmbodimentTag
 
-    tag = args.embodiment_tag or DEFAULT_EMBODIMENT
-    try:
-        tag = str(EmbodimentTag.resolve(tag))
-    except ValueError:
-        pass
+    if args.embodiment_tag:
+        try:
+            tag = str(EmbodimentTag.resolve(args.embodiment_tag))
+        except ValueError:
+            tag = args.embodiment_tag
+    elif args.modality_config_path:
+        tag = f"(modality config from {args.modality_config_path})"
+    elif args.model_path:
+        tag = "(from the checkpoint)"
+    elif args.dataset_path:
+        tag = "(modality config inferred from the dataset)"
+    else:
+        tag = DEFAULT_EMBODIMENT
     mode = ("model" if args.model_path else "replay" if args.dataset_path
             else args.policy or "constant (built-in default)")
     lines = [f"  Embodiment tag: {tag}", f"  Mode: {mode}"]
