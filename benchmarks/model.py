@@ -1,0 +1,105 @@
+"""Benchmark policyserve's flow-matching policy: inference latency (B = 1, 8, 32) and training steps/s.
+
+Uses the default architecture on the franka_panda layout (two 84x84 cameras, eef state, 16-step chunks)
+with synthetic episodes, so it needs no dataset or simulator:
+
+    python benchmarks/model.py [--threads 2] [--image-size 84] [--batch-sizes 1 8 32] [--train-batch-size 32]
+
+Runs on CPU and, when available, on CUDA as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from policyserve.model.config import TrainConfig
+from policyserve.model.policy import ModelPolicy
+from policyserve.model.synthetic import TASKS, make_episodes
+from policyserve.model.train import Trainer
+from policyserve.registry import get_embodiment_spec
+
+LANG = "annotation.human.action.task_description"
+
+
+def observation(batch: int, image_size: int, spec) -> dict:
+    """A random franka_panda observation batch."""
+    rng = np.random.default_rng(0)
+    return {
+        "video": {k: rng.integers(0, 255, (batch, 1, image_size, image_size, 3), dtype=np.uint8)
+                  for k in spec.modality_configs["video"].modality_keys},
+        "state": {k: rng.normal(size=(batch, 1, d)).astype(np.float32) for k, d in spec.dims.state.items()},
+        "language": {LANG: [[TASKS[0]]] * batch},
+    }
+
+
+def latency_ms(policy: ModelPolicy, obs: dict, reps: int) -> tuple[float, float]:
+    """(median, p90) milliseconds of ``policy.get_action`` after two warm-up calls."""
+    for _ in range(2):
+        policy.get_action(obs, {"seed": 0})
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        policy.get_action(obs, {"seed": 0})
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), float(np.percentile(times, 90))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=84)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--train-steps", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = get_embodiment_spec("franka_panda")
+    episodes = make_episodes(spec.modality_configs, spec.dims.state, spec.dims.action, n_episodes=8, length=40,
+                             image_hw=(args.image_size, args.image_size))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = []
+    for device in devices:
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(max_steps=args.train_steps + 2, batch_size=args.train_batch_size, device=device,
+                                 progress=False, resume=False)
+            trainer = Trainer(episodes, spec.modality_configs, out, config,
+                              architecture={"image_size": args.image_size}, embodiment_tag="franka_panda")
+            for _ in range(2):
+                trainer.train_step()
+            start = time.perf_counter()
+            for _ in range(args.train_steps):
+                trainer.train_step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            steps_per_s = args.train_steps / (time.perf_counter() - start)
+            params = sum(p.numel() for p in trainer.model.parameters())
+            policy = ModelPolicy(trainer.model, trainer.bundle, device=device)
+            row = {"device": device, "threads": args.threads, "params": params,
+                   "train_batch_size": args.train_batch_size, "train_steps_per_s": round(steps_per_s, 2)}
+            for batch in args.batch_sizes:
+                median, p90 = latency_ms(policy, observation(batch, args.image_size, spec), args.reps)
+                row[f"latency_ms_B{batch}"] = round(median, 1)
+                row[f"latency_p90_ms_B{batch}"] = round(p90, 1)
+            results.append(row)
+    print(f"policyserve model benchmark: {args.image_size}x{args.image_size} images x2 cameras, "
+          f"action chunk 16x7, 4 denoising steps, torch {torch.__version__}")
+    header = "".join(f"{'B=' + str(b) + ' ms':>12}" for b in args.batch_sizes)
+    print(f"{'device':<8}{'params':>10}{'train steps/s':>15}{header}")
+    for row in results:
+        print(f"{row['device']:<8}{row['params']:>10}{row['train_steps_per_s']:>15}"
+              + "".join(f"{row[f'latency_ms_B{b}']:>12}" for b in args.batch_sizes))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

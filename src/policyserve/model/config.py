@@ -1,0 +1,123 @@
+"""Architecture and training hyper-parameters of policyserve's visuomotor flow-matching policy."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..types import ModalityConfigs
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network: input/output layout plus architecture sizes.
+
+    ``state_dims`` and ``action_dims`` keep the modality configs' key order; the action chunk the
+    network predicts is the concatenation of the action keys in that order.
+    """
+
+    video_keys: list[str]
+    state_dims: dict[str, int]
+    action_dims: dict[str, int]
+    video_horizon: int = 1
+    state_horizon: int = 1
+    action_horizon: int = 16
+    image_size: int = 84
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
+    d_model: int = 128
+    n_heads: int = 4
+    trunk_layers: int = 2
+    head_layers: int = 2
+    ff_mult: int = 4
+    dropout: float = 0.0
+    num_inference_steps: int = 4
+    text_vocab_size: int = 2
+    text_max_len: int = 16
+    noise_beta_alpha: float = 1.5
+    noise_beta_beta: float = 1.0
+    noise_s: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not self.action_dims:
+            raise ConfigError("the model needs at least one action key")
+        for name in ("video_horizon", "state_horizon", "action_horizon", "image_size", "num_inference_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def action_dim(self) -> int:
+        """Width of the concatenated action vector."""
+        return sum(self.action_dims.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (inverse of :meth:`from_json`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from :meth:`to_json` output; unknown fields are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"model config has unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_modality_configs(
+        cls,
+        configs: ModalityConfigs,
+        state_dims: dict[str, int],
+        action_dims: dict[str, int],
+        **architecture: Any,
+    ) -> ModelConfig:
+        """Layout from modality configs plus per-key dims (e.g. read from the data)."""
+        from ..policies.validation import action_horizon
+
+        video = configs.get("video")
+        state = configs.get("state")
+        missing_state = [k for k in (state.modality_keys if state else []) if k not in state_dims]
+        missing_action = [k for k in configs["action"].modality_keys if k not in action_dims]
+        if missing_state or missing_action:
+            raise ConfigError(f"no dimension known for state keys {missing_state} / action keys {missing_action}")
+        return cls(
+            video_keys=list(video.modality_keys) if video else [],
+            state_dims={k: int(state_dims[k]) for k in (state.modality_keys if state else [])},
+            action_dims={k: int(action_dims[k]) for k in configs["action"].modality_keys},
+            video_horizon=video.horizon if video else 1,
+            state_horizon=state.horizon if state else 1,
+            action_horizon=action_horizon(configs["action"]),
+            **architecture,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of ``policyserve train``."""
+
+    max_steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    save_steps: int = 500
+    eval_steps: int | None = None
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    augment: bool = True
+    resume: bool = True
+    progress: bool = True
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "save_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
