@@ -1,0 +1,60 @@
+"""``policyserve record``: record scripted-expert demos of a built-in task to robomimic-layout HDF5."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_camera_size(text: str) -> tuple[int, int]:
+    """``"128"`` or ``"128x96"`` (height x width) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"camera size must look like 128 or 128x128, got {text!r}") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"camera size must look like 128 or 128x128, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def parse_cameras(text: str) -> tuple[str, ...]:
+    """Comma-separated camera names; ``""`` or ``none`` for no cameras."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "record",
+        help="record scripted demos of a built-in Franka task to HDF5",
+        description="Roll the scripted expert in the built-in Franka lift/stack env and write robomimic-layout "
+        "HDF5 (data/demo_N/{actions, states, obs/<key>}).",
+    )
+    parser.add_argument("--task", choices=("lift", "stack"), default="lift")
+    parser.add_argument("--n-demos", type=int, default=50, help="number of demos to keep")
+    parser.add_argument("--output", required=True, help="output .hdf5 path")
+    parser.add_argument("--camera-size", type=parse_camera_size, default=(128, 128), help="e.g. 128 or 128x128 (HxW)")
+    parser.add_argument("--cameras", type=parse_cameras, default=("table_cam", "wrist_cam"),
+                        help="comma-separated subset of table_cam,wrist_cam, or 'none'")
+    parser.add_argument("--seed", type=int, default=0, help="episode k resets with seed + k")
+    parser.add_argument("--keep-failed", action="store_true", help="also keep episodes that did not succeed")
+    parser.add_argument("--max-episode-steps", type=int, default=None)
+    parser.add_argument("--render-settings", choices=("fast", "default"), default="fast")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sim.recorder import record_demos
+
+    summary = record_demos(
+        args.task, args.n_demos, args.output, camera_names=args.cameras, camera_size=args.camera_size,
+        seed=args.seed, keep_failed=args.keep_failed, max_episode_steps=args.max_episode_steps,
+        progress=not args.no_progress, render_settings=args.render_settings,
+    )
+    print(json.dumps(summary))
+    return 0 if summary["demos"] == args.n_demos else 1
