@@ -27,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}") from None
     if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
+        values *= 2
+    if len(values) == 2 and min(values) >= 1:
         return values[0], values[1]
     raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}")

@@ -5,19 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def parse_camera_size(text: str) -> tuple[int, int]:
-    """``"128"`` or ``"128x96"`` (height x width) -> (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"camera size must look like 128 or 128x128, got {text!r}") from None
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"camera size must look like 128 or 128x128, got {text!r}")
-    return sizes[0], sizes[1]
+from .common import parse_size
 
 
 def parse_cameras(text: str) -> tuple[str, ...]:
@@ -37,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", choices=("lift", "stack"), default="lift")
     parser.add_argument("--n-demos", type=int, default=50, help="number of demos to keep")
     parser.add_argument("--output", required=True, help="output .hdf5 path")
-    parser.add_argument("--camera-size", type=parse_camera_size, default=(128, 128), help="e.g. 128 or 128x128 (HxW)")
+    parser.add_argument("--camera-size", type=parse_size, default=(128, 128), help="e.g. 128 or 128x128 (HxW)")
     parser.add_argument("--cameras", type=parse_cameras, default=("table_cam", "wrist_cam"),
                         help="comma-separated subset of table_cam,wrist_cam, or 'none'")
     parser.add_argument("--seed", type=int, default=0, help="episode k resets with seed + k")

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from ..data.lerobot import Episode
 from ..types import ModalityConfigs
 
 TASKS = ("move to the red square", "move to the mirror image of the red square")
-
-
-@dataclass
-class SyntheticEpisode:
-    """An in-memory episode with the attributes of ``policyserve.data.lerobot.Episode``."""
-
-    episode_index: int
-    length: int
-    states: dict[str, np.ndarray] = field(default_factory=dict)
-    actions: dict[str, np.ndarray] = field(default_factory=dict)
-    language: dict[str, list[str]] = field(default_factory=dict)
-    videos: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def make_episodes(
@@ -32,7 +19,7 @@ def make_episodes(
     length: int = 20,
     image_hw: tuple[int, int] = (32, 32),
     seed: int = 0,
-) -> list[SyntheticEpisode]:
+) -> list[Episode]:
     """Episodes where a point moves to a target drawn in every camera (task 0) or to its mirror image (task 1).
 
     Every action key is a learnable function of the target, the first state key and the task text;
@@ -70,5 +57,5 @@ def make_episodes(
                 frames[t, py : py + 3, px : px + 3] = (30, 220, 30)
             videos[key] = frames
         language = {k: [TASKS[task]] * length for k in lang_keys}
-        episodes.append(SyntheticEpisode(index, length, states, actions, language, videos))
+        episodes.append(Episode(index, length, states, actions, language, videos))
     return episodes
