@@ -1,0 +1,361 @@
+"""Model-vs-replay comparison rollout: two envs restored to a recorded demo state, stepped in lockstep.
+
+Env 0 is driven by the model policy, env 1 by the replay policy (reset to ``episode_index=demo_index``,
+``step_index=start_step``; converted datasets map demo_N to episode N). Both envs start from the demo's
+recorded sim state at ``start_step`` (bitwise restore). Per step the comparison records both actions,
+their difference per action key, both end-effector positions and both envs' success; it writes the
+traces as JSON and CSV, a figure of action dimensions and eef trajectories with the first divergence
+marked, and a side-by-side video.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, ValidationError
+from ..policies.base import BasePolicy
+from .adapter import EnvPolicyAdapter, KeyMap
+from .chunking import ActionChunker, ChunkingConfig
+from .video import VideoWriter, compose_frame
+
+SIDES = ("model", "replay")
+
+
+class ModalityMismatchError(ConfigError):
+    """A server's modality config does not fit the env (missing observation key, wrong action size)."""
+
+
+@dataclass
+class ComparisonConfig:
+    """Which demo state to start from, how long to run and where to write the outputs."""
+
+    task: str = "stack"
+    hdf5_path: str = ""
+    demo_index: int = 0
+    start_step: int = 0
+    max_steps: int | None = None
+    """Default: the rest of the demo (``num_samples - start_step``)."""
+    n_action_steps: int = 1
+    """Model actions executed per model query (the replay side always queries every step)."""
+    camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
+    camera_size: tuple[int, int] = (128, 128)
+    render_settings: str = "fast"
+    key_map: KeyMap = field(default_factory=KeyMap)
+    eef_threshold: float = 0.02
+    """Metres between the two end effectors that count as diverged."""
+    action_threshold: float = 0.1
+    """Largest absolute action difference that counts as diverged."""
+    output_dir: str | None = None
+    video: bool = True
+    fps: int = 20
+    action_options: dict[str, Any] | None = None
+    progress: bool = True
+
+
+@dataclass
+class StepRecord:
+    """One lockstep step: actions of both sides, their per-key difference, eef positions, success."""
+
+    step: int
+    demo_step: int
+    model_action: list[float]
+    replay_action: list[float]
+    action_diff: dict[str, float]
+    eef_model: list[float]
+    eef_replay: list[float]
+    eef_distance: float
+    success_model: bool
+    success_replay: bool
+
+
+@dataclass
+class ComparisonResult:
+    """Traces of a comparison rollout, divergence steps and the files written."""
+
+    steps: list[StepRecord]
+    action_keys: list[str]
+    action_dims: dict[str, int]
+    divergence_step: int | None
+    action_divergence_step: int | None
+    config: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def max_action_diff(self) -> float:
+        return max((max(s.action_diff.values(), default=0.0) for s in self.steps), default=0.0)
+
+    @property
+    def max_eef_distance(self) -> float:
+        return max((s.eef_distance for s in self.steps), default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": len(self.steps),
+            "divergence_step": self.divergence_step,
+            "action_divergence_step": self.action_divergence_step,
+            "max_action_diff": self.max_action_diff,
+            "max_eef_distance": self.max_eef_distance,
+            "success_model": any(s.success_model for s in self.steps),
+            "success_replay": any(s.success_replay for s in self.steps),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "action_keys": self.action_keys, "action_dims": self.action_dims,
+                "config": self.config, "files": self.files, "steps": [asdict(s) for s in self.steps]}
+
+
+def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) -> int:
+    """Number of samples of ``demo_<demo_index>``; :class:`ConfigError` naming the valid range otherwise."""
+    import h5py
+
+    path = Path(hdf5_path)
+    if not path.is_file():
+        raise ConfigError(f"HDF5 demo file not found: {path}")
+    with h5py.File(path, "r") as f:
+        data = f.get("data")
+        demos = sorted(int(k[5:]) for k in (data.keys() if data is not None else []) if k.startswith("demo_")
+                       and k[5:].isdigit())
+        if demo_index not in demos:
+            have = f"demo indices {demos[0]}..{demos[-1]}" if demos else "no demos"
+            raise ConfigError(f"demo index {demo_index} is out of range: {path} has {have} ({len(demos)} demos)")
+        demo = data[f"demo_{demo_index}"]
+        length = int(demo.attrs.get("num_samples", len(demo["actions"])))
+    if not 0 <= start_step < length:
+        raise ConfigError(f"start step {start_step} is out of range for demo_{demo_index} "
+                          f"({length} steps: valid start steps are 0..{length - 1})")
+    return length
+
+
+class _Side:
+    """One policy driving one env: adapter, chunker, last observation."""
+
+    def __init__(self, name: str, policy: BasePolicy, env: Any, config: ComparisonConfig, n_action_steps: int):
+        self.name, self.policy, self.env = name, policy, env
+        try:
+            self.adapter = EnvPolicyAdapter(policy.get_modality_config(), 1, config.key_map)
+        except ConfigError as exc:
+            raise ModalityMismatchError(f"{name} server's modality config is not usable: {exc}") from exc
+        self.chunker = ActionChunker(1, ChunkingConfig(n_action_steps))
+        self.action_dim = int(env.action_space.shape[0])
+        self.options = config.action_options
+        self.obs: dict[str, Any] = {}
+        self.success = False
+
+    def start(self, obs: dict[str, Any], reset_options: dict[str, Any]) -> None:
+        self.obs = obs
+        try:
+            self.adapter.check_env_observation(obs)
+        except ValidationError as exc:
+            raise ModalityMismatchError(f"{self.name} server's modality config does not match the env: {exc}") from exc
+        self.adapter.push(obs, 0)
+        self.policy.reset(reset_options)
+
+    def next_action(self) -> np.ndarray:
+        if self.chunker.needs_query([0]):
+            action, _ = self.policy.get_action(self.adapter.build(), self.options)
+            try:
+                chunk = self.adapter.to_env_actions(action, self.action_dim)
+            except ValidationError as exc:
+                raise ModalityMismatchError(f"{self.name} server's actions do not match the env: {exc}") from exc
+            self.chunker.set_chunks(chunk, [0])
+        return self.chunker.pop(0)
+
+    def step(self, action: np.ndarray) -> None:
+        self.obs, _, _, _, info = self.env.step(action)
+        self.success = bool(info.get("success", False))
+        self.adapter.push(self.obs, 0)
+
+
+def _first(values: list[float], threshold: float) -> int | None:
+    return next((i for i, v in enumerate(values) if v > threshold), None)
+
+
+def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConfig,
+                   envs: tuple[Any, Any] | None = None) -> ComparisonResult:
+    """Run the comparison; writes traces/figure/video under ``config.output_dir`` when set."""
+    from ..registry import parse_modality_configs
+    from ..sim.envs import CAMERAS, make_env
+    from ..sim.recorder import load_demo_state
+
+    length = check_demo_range(config.hdf5_path, config.demo_index, config.start_step)
+    max_steps = config.max_steps or (length - config.start_step)
+    own_envs = envs is None
+    if envs is None:
+        cams: list[str] = []
+        for policy in (model, replay):
+            video_keys = parse_modality_configs(dict(policy.get_modality_config()))["video"].modality_keys
+            cams += [config.key_map.env_key("video", k) for k in video_keys]
+        if config.video and config.output_dir:
+            cams += list(config.camera_names)
+        cams = [c for c in dict.fromkeys(cams) if c in CAMERAS]
+        envs = tuple(make_env(config.task, camera_names=tuple(cams), camera_size=config.camera_size,
+                              max_episode_steps=max_steps + 1, terminate_on_success=False,
+                              render_settings=config.render_settings) for _ in range(2))  # type: ignore[assignment]
+    assert envs is not None
+    started = time.perf_counter()
+    writer: VideoWriter | None = None
+    out = Path(config.output_dir) if config.output_dir else None
+    try:
+        sides = [_Side("model", model, envs[0], config, config.n_action_steps),
+                 _Side("replay", replay, envs[1], config, 1)]
+        state = load_demo_state(config.hdf5_path, config.demo_index, config.start_step)
+        reset_options = {"episode_index": config.demo_index, "step_index": config.start_step}
+        for side in sides:
+            obs, info = side.env.reset(options={"state": state})
+            side.success = bool(info.get("success", False))
+            side.start(obs, reset_options)
+        if out is not None and config.video:
+            writer = VideoWriter(out / "comparison.mp4", fps=config.fps)
+        records: list[StepRecord] = []
+        bar = None
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_steps, desc="compare", unit="step")
+        try:
+            for t in range(max_steps):
+                actions = [side.next_action() for side in sides]
+                eefs = [np.asarray(side.obs["eef_pos"], dtype=np.float64) for side in sides]
+                _write_frame(writer, sides, config, t)
+                for side, action in zip(sides, actions):
+                    side.step(action)
+                records.append(_record(t, config.start_step, actions, eefs, sides))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        _write_frame(writer, sides, config, max_steps)
+        dims = dict(sides[1].adapter.action_dims or sides[0].adapter.action_dims or {})
+    finally:
+        if writer is not None:
+            writer.close()
+        if own_envs:
+            for env in envs:
+                env.close()
+    result = ComparisonResult(
+        records, list(dims), dims,
+        _first([r.eef_distance for r in records], config.eef_threshold),
+        _first([max(r.action_diff.values(), default=0.0) for r in records], config.action_threshold),
+        _config_dict(config), seconds=time.perf_counter() - started,
+    )
+    if out is not None:
+        result.files = save_outputs(result, out)
+        if writer is not None and writer.frames:
+            result.files["video"] = str(writer.path)
+        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _config_dict(config: ComparisonConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["key_map"] = asdict(config.key_map)
+    return data
+
+
+def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray], sides: list[_Side]) -> StepRecord:
+    dims = sides[1].adapter.action_dims or {}
+    diff: dict[str, float] = {}
+    offset = 0
+    for key, dim in dims.items():
+        diff[key] = float(np.max(np.abs(actions[0][offset:offset + dim] - actions[1][offset:offset + dim])))
+        offset += dim
+    if not dims:
+        diff["all"] = float(np.max(np.abs(actions[0] - actions[1])))
+    return StepRecord(
+        t, start + t, [float(v) for v in actions[0]], [float(v) for v in actions[1]], diff,
+        [float(v) for v in eefs[0]], [float(v) for v in eefs[1]], float(np.linalg.norm(eefs[0] - eefs[1])),
+        sides[0].success, sides[1].success,
+    )
+
+
+def _write_frame(writer: VideoWriter | None, sides: list[_Side], config: ComparisonConfig, t: int) -> None:
+    if writer is None:
+        return
+    images = [side.obs[c] for side in sides for c in config.camera_names if c in side.obs]
+    if images:
+        text = [f"left: model | right: replay  (demo {config.demo_index}, step {config.start_step + t})",
+                f"success model {int(sides[0].success)} replay {int(sides[1].success)}"]
+        writer.write(compose_frame(images, text))
+
+
+def save_outputs(result: ComparisonResult, out: str | Path) -> dict[str, str]:
+    """Write ``traces.csv`` and ``comparison.png`` under ``out``; returns their paths by kind."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "comparison.json"), "csv": str(out / "traces.csv"), "plot": str(out / "comparison.png")}
+    _write_csv(result, out / "traces.csv")
+    plot_comparison(result, out / "comparison.png")
+    return files
+
+
+def _write_csv(result: ComparisonResult, path: Path) -> None:
+    n = len(result.steps[0].model_action) if result.steps else 0
+    diff_keys = list(result.steps[0].action_diff) if result.steps else []
+    header = ["step", "demo_step", *[f"model_a{i}" for i in range(n)], *[f"replay_a{i}" for i in range(n)],
+              *[f"diff_{k}" for k in diff_keys], "eef_model_x", "eef_model_y", "eef_model_z",
+              "eef_replay_x", "eef_replay_y", "eef_replay_z", "eef_distance", "success_model", "success_replay"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for s in result.steps:
+            w.writerow([s.step, s.demo_step, *s.model_action, *s.replay_action,
+                        *[s.action_diff[k] for k in diff_keys], *s.eef_model, *s.eef_replay, s.eef_distance,
+                        int(s.success_model), int(s.success_replay)])
+
+
+def plot_comparison(result: ComparisonResult, path: str | Path) -> None:
+    """Figure: one panel per action dimension and eef axis (model solid, replay dashed), divergence marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([s.step for s in result.steps])
+    model = np.array([s.model_action for s in result.steps])
+    replay = np.array([s.replay_action for s in result.steps])
+    eef_m = np.array([s.eef_model for s in result.steps])
+    eef_r = np.array([s.eef_replay for s in result.steps])
+    n_act = model.shape[1] if model.ndim == 2 else 0
+    names = [f"{k}[{i}]" for k, d in result.action_dims.items() for i in range(d)] or [f"a{i}" for i in range(n_act)]
+    panels = n_act + 4
+    cols = 4
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    flat = axes.ravel()
+    series = [(names[i], model[:, i], replay[:, i]) for i in range(n_act)]
+    series += [(f"eef {ax} (m)", eef_m[:, j], eef_r[:, j]) for j, ax in enumerate("xyz")] if len(eef_m) else []
+    for ax, (name, m, r) in zip(flat, series):
+        ax.plot(steps, m, label="model", color="tab:blue")
+        ax.plot(steps, r, "--", label="replay", color="tab:orange")
+        ax.set_title(name, fontsize=9)
+    dist_ax = flat[len(series)]
+    dist_ax.plot(steps, [s.eef_distance for s in result.steps], color="tab:red")
+    dist_ax.axhline(result.config.get("eef_threshold", 0.0), color="gray", lw=0.8, ls=":")
+    dist_ax.set_title("eef distance model-replay (m)", fontsize=9)
+    for ax in flat[: len(series) + 1]:
+        if result.divergence_step is not None:
+            ax.axvline(result.divergence_step, color="red", lw=1.0, ls="-.")
+        if result.action_divergence_step is not None:
+            ax.axvline(result.action_divergence_step, color="purple", lw=0.8, ls=":")
+    for ax in flat[len(series) + 1:]:
+        ax.axis("off")
+    flat[0].legend(fontsize=8)
+    div = "none" if result.divergence_step is None else str(result.divergence_step)
+    adiv = "none" if result.action_divergence_step is None else str(result.action_divergence_step)
+    cfg: Mapping[str, Any] = result.config
+    fig.suptitle(f"model vs replay: demo {cfg.get('demo_index')} from step {cfg.get('start_step')} | eef divergence "
+                 f"step {div} (red) | action divergence step {adiv} (purple)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

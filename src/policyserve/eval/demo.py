@@ -1,0 +1,189 @@
+"""``policyserve demo``: the seed workflow end to end on one machine, in a few minutes on 2 CPU cores.
+
+1. record a few scripted demos (small cameras) to HDF5; 2. convert them to a LeRobot dataset;
+3. optionally train a tiny model on it (``model_steps > 0`` and the model extra installed);
+4. start a replay server and a "model" server (the trained checkpoint, else the scripted expert served
+over the network) as subprocesses; 5. run the model-vs-replay comparison rollout on demo 0;
+6. run a short evaluation of the model server; 7. print where the report, plot and videos are.
+Every server started here is stopped in ``finally`` (errors and Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .servers import ServerProcess, connect_policy
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage of the demo; defaults keep it to a few minutes on 2 cores."""
+
+    task: str = "lift"
+    output: str | None = None
+    n_demos: int = 3
+    camera_size: tuple[int, int] = (64, 64)
+    model_steps: int = 50
+    """Training steps of the tiny model (~1.5 s/step on 2 busy cores); 0 serves the scripted expert instead."""
+    eval_episodes: int = 4
+    eval_envs: int = 2
+    max_episode_steps: int = 150
+    seed: int = 0
+    train_timeout_s: float = 600.0
+    progress: bool = True
+
+
+@dataclass
+class DemoResult:
+    """Where the demo wrote its outputs, and what it measured."""
+
+    output: str
+    model_kind: str
+    files: dict[str, str] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def model_training_available() -> bool:
+    """True when ``policyserve train`` (the model extra, torch) can run here."""
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("policyserve.cli.train") is not None
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def _train(config: DemoConfig, dataset: Path, out: Path, log_path: Path) -> Path:
+    """Train the tiny model in a subprocess; returns the newest checkpoint directory."""
+    cmd = [sys.executable, "-m", "policyserve", "train", "--dataset-path", str(dataset), "--output-dir", str(out),
+           "--max-steps", str(config.model_steps), "--save-steps", str(config.model_steps),
+           "--embodiment-tag", "franka_panda", "--no-progress"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(config.train_timeout_s)
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            raise
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"training failed (exit {code}); log {log_path}:\n{tail}")
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if not checkpoints:
+        raise RuntimeError(f"training wrote no checkpoint-<step> directory under {out}")
+    return checkpoints[-1]
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    """Run every stage (see module docstring); returns the output paths and headline numbers."""
+    from ..data.hdf5_to_lerobot import convert_hdf5_to_lerobot
+    from ..sim.recorder import record_demos
+    from .compare import ComparisonConfig, run_comparison
+    from .rollout import RolloutConfig, run_rollout
+
+    out = Path(config.output or f"outputs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    use_model = config.model_steps > 0 and model_training_available()
+    result = DemoResult(str(out), "model" if use_model else "scripted")
+    if config.model_steps > 0 and not use_model:
+        _log("model training is not available here (torch or 'policyserve train' missing): serving the scripted expert")
+    servers: list[ServerProcess] = []
+    clients: list[Any] = []
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[name] = round(now - clock, 1)
+        clock = now
+
+    try:
+        hdf5 = out / "demos.hdf5"
+        _log(f"1/6 recording {config.n_demos} scripted {config.task} demos -> {hdf5}")
+        record_demos(config.task, config.n_demos, hdf5, camera_size=config.camera_size, seed=config.seed,
+                     max_episode_steps=config.max_episode_steps, progress=config.progress)
+        lap("record")
+        dataset = out / "dataset"
+        _log(f"2/6 converting to a LeRobot dataset -> {dataset}")
+        # training reports an eval loss on an 'eval' split: hold out the last demo when there is a model to train
+        eval_proportion = 1.0 / config.n_demos if use_model and config.n_demos > 1 else 0.0
+        convert_hdf5_to_lerobot(hdf5, dataset, progress=config.progress, overwrite=True,
+                                eval_proportion=eval_proportion)
+        lap("convert")
+        if use_model:
+            _log(f"3/6 training a tiny model for {config.model_steps} steps (log: logs/train.log)")
+            model_args = ["--model-path", str(_train(config, dataset, out / "model", out / "logs" / "train.log"))]
+            n_action_steps = 8
+        else:
+            _log("3/6 no model training (--model-steps 0): the scripted expert is served as the model")
+            model_args = ["--policy", f"scripted:{config.task}"]
+            n_action_steps = 1  # the scripted expert advances its phase once per query
+        lap("train")
+        _log("4/6 starting the replay and model servers")
+        replay = ServerProcess(["--dataset-path", str(dataset), "--embodiment-tag", "franka_panda",
+                                "--execution-horizon", "1"], name="replay server", log_path=out / "logs" / "replay.log")
+        servers.append(replay)
+        replay.start()
+        model = ServerProcess(model_args, name="model server", log_path=out / "logs" / "model.log")
+        servers.append(model)
+        model.start()
+        _log(f"   replay server on port {replay.port}, model server ({result.model_kind}) on port {model.port}")
+        model_client = connect_policy(model.host, model.port, timeout_ms=60000, role="model")
+        clients.append(model_client)
+        replay_client = connect_policy(replay.host, replay.port, timeout_ms=60000, role="replay")
+        clients.append(replay_client)
+        lap("servers")
+        _log("5/6 comparison rollout: model (env 0) vs replay (env 1) from demo 0, step 0")
+        comparison = run_comparison(model_client, replay_client, ComparisonConfig(
+            task=config.task, hdf5_path=str(hdf5), demo_index=0, start_step=0, camera_size=config.camera_size,
+            output_dir=str(out / "compare"), progress=config.progress, n_action_steps=n_action_steps))
+        result.comparison = comparison.summary()
+        result.files.update({f"comparison_{k}": v for k, v in comparison.files.items()})
+        lap("compare")
+        _log(f"6/6 evaluating the model server: {config.eval_episodes} episodes on {config.eval_envs} envs")
+        report = run_rollout(model_client, RolloutConfig(
+            task=config.task, n_episodes=config.eval_episodes, n_envs=config.eval_envs,
+            n_action_steps=n_action_steps, max_episode_steps=config.max_episode_steps, seed=1000 + config.seed,
+            camera_size=config.camera_size, video_dir=str(out / "rollout" / "videos"), max_videos=2,
+            progress=config.progress, action_options={"seed": config.seed}),
+            report_path=out / "rollout" / "report.json")
+        result.evaluation = {"success_rate": report.success_rate, "ci95": list(report.ci95),
+                             "mean_return": report.mean_return, "summary": report.summary()}
+        result.files["rollout_report"] = str(out / "rollout" / "report.json")
+        result.files["rollout_videos"] = str(out / "rollout" / "videos")
+        lap("rollout")
+    finally:
+        for client in clients:
+            client.close()
+        for server in reversed(servers):
+            server.stop()
+    summary = out / "summary.json"
+    result.files["summary"] = str(summary)
+    summary.write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def print_result(result: DemoResult, wall_s: float) -> None:
+    """The demo's closing message: headline numbers and where every output is."""
+    c, e = result.comparison, result.evaluation
+    print("\n=== policyserve demo finished in %.0f s ===" % wall_s)
+    print(f"model: {result.model_kind}")
+    print(f"comparison: {c.get('steps')} steps, eef divergence step {c.get('divergence_step')}, "
+          f"action divergence step {c.get('action_divergence_step')}, max action diff "
+          f"{c.get('max_action_diff', 0):.4f}, success model {c.get('success_model')} replay {c.get('success_replay')}")
+    print(f"evaluation: {e.get('summary')}")
+    labels = {"comparison_plot": "comparison plot", "comparison_video": "comparison video",
+              "comparison_json": "comparison traces (JSON)", "comparison_csv": "comparison traces (CSV)",
+              "rollout_report": "evaluation report", "rollout_videos": "evaluation videos", "summary": "summary"}
+    for key, label in labels.items():
+        if key in result.files:
+            print(f"  {label + ':':28s} {result.files[key]}")
