@@ -63,6 +63,24 @@ def cli_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
+def test_train_without_eval_split_holds_out_the_last_episodes(tmp_path: Path) -> None:
+    from policyserve.data.hdf5_to_lerobot import convert_hdf5_to_lerobot
+    from policyserve.data.lerobot import LeRobotDataset
+    from policyserve.model.config import TrainConfig
+    from policyserve.model.train import train_from_dataset
+
+    write_robomimic_hdf5(tmp_path / "demos.hdf5", n_demos=5, length=8)
+    convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "dataset", task="lift", eval_proportion=0.0,
+                            progress=False)
+    assert "eval" not in (LeRobotDataset(tmp_path / "dataset").info.get("splits") or {})
+    result = train_from_dataset(tmp_path / "dataset", tmp_path / "out",
+                                TrainConfig(max_steps=2, batch_size=2, save_steps=2),
+                                embodiment_tag="franka_panda", architecture={"image_size": 16, "d_model": 32})
+    info = json.loads((tmp_path / "out" / "config.json").read_text())["training"]
+    assert info["eval_episodes"] == [4] and info["train_episodes"] == [0, 1, 2, 3]
+    assert result is not None
+
+
 def test_train_cli_writes_checkpoints_and_resumes(cli_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert (cli_checkpoint / "checkpoint-2").is_dir() and (cli_checkpoint / "checkpoint-4").is_dir()
     assert (cli_checkpoint / "loss_curve.png").is_file()

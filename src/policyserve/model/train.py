@@ -309,7 +309,8 @@ def train_from_dataset(
     configs, tag = resolve_training_configs(dataset, embodiment_tag, modality_config_path, action_horizon)
     video_keys = list(configs["video"].modality_keys) if "video" in configs else []
     train_ids = dataset.split("train")
-    eval_ids = [i for i in dataset.split("eval") if i not in set(train_ids)]
+    declared = dataset.info.get("splits") or {}
+    eval_ids = [i for i in dataset.split("eval") if i not in set(train_ids)] if "eval" in declared else []
     if not eval_ids and len(train_ids) >= 5 and eval_fraction > 0:
         n_eval = max(1, round(eval_fraction * len(train_ids)))
         train_ids, eval_ids = train_ids[:-n_eval], train_ids[-n_eval:]
