@@ -142,6 +142,20 @@ def test_compare_with_replay_on_both_ports_has_zero_difference(demos, serve, tmp
     assert len(lines) == 26 and lines[0].startswith("step,demo_step,model_a0")
 
 
+def test_compare_detects_a_replay_server_out_of_lockstep_and_accepts_a_matching_horizon(demos, serve):
+    from policyserve.eval import ReplaySyncError
+
+    hdf5, dataset = demos
+    model, rep = serve(replay(dataset)), serve(replay(dataset, execution_horizon=4))
+    config = ComparisonConfig(task="lift", hdf5_path=str(hdf5), max_steps=10, camera_size=SIZE, progress=False)
+    with pytest.raises(ReplaySyncError, match=r"chunk for step 4 but its env is at step 1.*--execution-horizon 1"):
+        run_comparison(model.client, rep.client, config)
+    assert rep.client.ping()
+    config.replay_action_steps = 4
+    result = run_comparison(model.client, rep.client, config)
+    assert result.max_action_diff == 0.0 and result.max_eef_distance == 0.0
+
+
 def test_compare_with_a_perturbed_policy_reports_the_divergence_step(demos, serve):
     hdf5, dataset = demos
     model, rep = serve(PerturbedPolicy(replay(dataset), after=5)), serve(replay(dataset))

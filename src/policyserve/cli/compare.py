@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
     add_api_token(p)
     p.add_argument("--max-steps", type=int, default=None, help="default: the rest of the demo")
     p.add_argument("--n-action-steps", type=int, default=1, help="model actions executed per model query")
+    p.add_argument("--replay-action-steps", type=int, default=1,
+                   help="replay actions executed per replay query: the replay server's --execution-horizon "
+                        "(default 1, lockstep)")
     p.add_argument("--eef-threshold", type=float, default=0.02, help="eef distance (m) that counts as diverged")
     p.add_argument("--action-threshold", type=float, default=0.1, help="action difference that counts as diverged")
     p.add_argument("--output", default=None, help="output directory (default ./outputs/compare-<timestamp>)")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = ComparisonConfig(
             task=args.task, hdf5_path=args.hdf5_path, demo_index=args.demo_index, start_step=args.start_step,
-            max_steps=args.max_steps, n_action_steps=args.n_action_steps, camera_size=args.camera_size,
+            max_steps=args.max_steps, n_action_steps=args.n_action_steps,
+            replay_action_steps=args.replay_action_steps, camera_size=args.camera_size,
             key_map=key_map_from_args(args), eef_threshold=args.eef_threshold,
             action_threshold=args.action_threshold, output_dir=output, video=not args.no_video,
             action_options=None if args.policy_seed is None else {"seed": args.policy_seed}, progress=not args.quiet,

@@ -33,6 +33,10 @@ class ModalityMismatchError(ConfigError):
     """A server's modality config does not fit the env (missing observation key, wrong action size)."""
 
 
+class ReplaySyncError(ConfigError):
+    """The replay server's cursor is not at the step the replay env is at (execution horizon mismatch)."""
+
+
 @dataclass
 class ComparisonConfig:
     """Which demo state to start from, how long to run and where to write the outputs."""
@@ -44,7 +48,9 @@ class ComparisonConfig:
     max_steps: int | None = None
     """Default: the rest of the demo (``num_samples - start_step``)."""
     n_action_steps: int = 1
-    """Model actions executed per model query (the replay side always queries every step)."""
+    """Model actions executed per model query."""
+    replay_action_steps: int = 1
+    """Replay actions executed per replay query: the replay server's ``--execution-horizon``."""
     camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
     camera_size: tuple[int, int] = (128, 128)
     render_settings: str = "fast"
@@ -139,8 +145,12 @@ def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) ->
 class _Side:
     """One policy driving one env: adapter, chunker, last observation."""
 
-    def __init__(self, name: str, policy: BasePolicy, env: Any, config: ComparisonConfig, n_action_steps: int):
+    def __init__(self, name: str, policy: BasePolicy, env: Any, config: ComparisonConfig, n_action_steps: int,
+                 cursor: int | None = None):
         self.name, self.policy, self.env = name, policy, env
+        self.n_action_steps = n_action_steps
+        self.cursor = cursor
+        """For a replay side: the demo step its env is at, checked against the server's ``current_step``."""
         try:
             self.adapter = EnvPolicyAdapter(policy.get_modality_config(), 1, config.key_map)
         except ConfigError as exc:
@@ -162,7 +172,8 @@ class _Side:
 
     def next_action(self) -> np.ndarray:
         if self.chunker.needs_query([0]):
-            action, _ = self.policy.get_action(self.adapter.build(), self.options)
+            action, info = self.policy.get_action(self.adapter.build(), self.options)
+            self._check_cursor(info)
             try:
                 chunk = self.adapter.to_env_actions(action, self.action_dim)
             except ValidationError as exc:
@@ -170,7 +181,21 @@ class _Side:
             self.chunker.set_chunks(chunk, [0])
         return self.chunker.pop(0)
 
+    def _check_cursor(self, info: Any) -> None:
+        served = info.get("current_step") if self.cursor is not None and isinstance(info, dict) else None
+        if isinstance(served, list):
+            served = served[0] if served else None
+        if served is not None and int(served) != self.cursor:
+            raise ReplaySyncError(
+                f"{self.name} server answered the chunk for step {served} but its env is at step {self.cursor}: "
+                f"the server advances its cursor by its --execution-horizon per get_action while this side "
+                f"executes {self.n_action_steps} action(s) per query; start the replay server with "
+                f"--execution-horizon {self.n_action_steps} or pass --replay-action-steps equal to its horizon"
+            )
+
     def step(self, action: np.ndarray) -> None:
+        if self.cursor is not None:
+            self.cursor += 1
         self.obs, _, _, _, info = self.env.step(action)
         self.success = bool(info.get("success", False))
         self.adapter.push(self.obs, 0)
@@ -207,7 +232,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
     out = Path(config.output_dir) if config.output_dir else None
     try:
         sides = [_Side("model", model, envs[0], config, config.n_action_steps),
-                 _Side("replay", replay, envs[1], config, 1)]
+                 _Side("replay", replay, envs[1], config, config.replay_action_steps, cursor=config.start_step)]
         state = load_demo_state(config.hdf5_path, config.demo_index, config.start_step)
         reset_options = {"episode_index": config.demo_index, "step_index": config.start_step}
         for side in sides:
