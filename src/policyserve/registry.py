@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonio import read_json_object
 from .types import MODALITIES, EmbodimentTag, ModalityConfig, ModalityConfigs, ModalityDims
 
 
@@ -111,14 +112,8 @@ def get_modality_configs(tag: str | EmbodimentTag) -> ModalityConfigs:
 
 def load_modality_config_file(path: str | Path) -> tuple[ModalityConfigs, ModalityDims]:
     """Read a JSON file ``{video|state|action|language: {delta_indices, modality_keys, ...}, dims?}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"modality config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"modality config file {path} is not valid JSON: {exc}") from exc
-    return parse_modality_configs(data, str(path)), parse_dims(data.get("dims") if isinstance(data, dict) else None)
+    data = read_json_object(path, "modality config")
+    return parse_modality_configs(data, str(path)), parse_dims(data.get("dims"))
 
 
 def save_modality_config_file(path: str | Path, configs: ModalityConfigs, dims: ModalityDims | None = None) -> None:

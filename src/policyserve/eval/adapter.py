@@ -12,7 +12,6 @@ enough frames exist, the earliest frame of the episode is repeated.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ValidationError
+from ..jsonio import read_json_object
 from ..registry import parse_modality_configs
 from ..types import ModalityConfigs
 
@@ -79,16 +79,7 @@ class KeyMap:
     @classmethod
     def from_file(cls, path: str | Path) -> KeyMap:
         """Read a JSON key map file (see :meth:`from_dict`)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"key map file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"key map file {path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"key map file {path}: expected a JSON object")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json_object(path, "key map"), str(path))
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[str], base: KeyMap | None = None) -> KeyMap:
