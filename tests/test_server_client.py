@@ -207,6 +207,21 @@ def test_server_error_raises_with_server_message(client):
 
 
 # -- timeouts and concurrency ------------------------------------------------------------------------
+def _start_on_port(port: int, wait_s: float = 5.0) -> PolicyServer:
+    """Start a server on ``port``, retrying while libzmq finishes releasing it (closing is asynchronous)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        srv = PolicyServer(ConstantPolicy(SPEC.modality_configs, SPEC.dims), port=port, verbose=False)
+        try:
+            srv.start()
+            return srv
+        except zmq.ZMQError:
+            srv._context.term()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_client_timeout_against_silent_server_then_next_call_works():
     ctx = zmq.Context()
     silent = ctx.socket(zmq.ROUTER)  # accepts requests and never answers
@@ -224,9 +239,9 @@ def test_client_timeout_against_silent_server_then_next_call_works():
             assert c.ping() is False
             assert time.perf_counter() - start < 1.0
             # Once a real server answers on that port, the same client works.
+            silent.unbind(silent.getsockopt_string(zmq.LAST_ENDPOINT))
             silent.close(0)
-            srv = PolicyServer(ConstantPolicy(SPEC.modality_configs, SPEC.dims), port=port, verbose=False)
-            srv.start()
+            srv = _start_on_port(port)
             try:
                 c.timeout_ms = 3000
                 assert c.ping() is True
