@@ -63,13 +63,14 @@ def _load_builtin() -> None:
         )
 
 
-def _canonical(tag: str | EmbodimentTag) -> str:
+def canonical_tag(tag: str | EmbodimentTag) -> str:
+    """Embodiment tag value (GR00T's tags by name or value; other names lower-cased)."""
     if isinstance(tag, EmbodimentTag):
         return tag.value
     try:
         return EmbodimentTag.resolve(tag).value
     except ValueError:
-        return str(tag).lower()
+        return str(tag).strip().lower()
 
 
 def register_modality_config(
@@ -81,7 +82,7 @@ def register_modality_config(
     """Register the modality configs of an embodiment (by tag name or value)."""
     if not _REGISTRY:
         _load_builtin()
-    key = _canonical(embodiment_tag)
+    key = canonical_tag(embodiment_tag)
     if key in _REGISTRY and not overwrite:
         raise ConfigError(f"embodiment {key!r} is already registered")
     _REGISTRY[key] = EmbodimentSpec(key, parse_modality_configs(config), dims or ModalityDims())
@@ -97,7 +98,7 @@ def get_embodiment_spec(tag: str | EmbodimentTag) -> EmbodimentSpec:
     """Registered spec for a tag given by enum, name or value (case-insensitive)."""
     if not _REGISTRY:
         _load_builtin()
-    key = _canonical(tag)
+    key = canonical_tag(tag)
     if key not in _REGISTRY:
         raise ConfigError(
             f"no modality config registered for embodiment {key!r}; known: {', '.join(sorted(_REGISTRY))}. "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import parse_modality_configs
+from ..registry import canonical_tag, parse_modality_configs
 from ..types import EmbodimentTag, ModalityConfigs
 from .config import ModelConfig
 from .normalization import Normalizer
@@ -34,16 +34,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.json"
 POLICYSERVE, GR00T = "policyserve", "gr00t"
-
-
-def canonical_tag(tag: str | EmbodimentTag) -> str:
-    """Embodiment tag value (GR00T's tags by name or value; other names lower-cased)."""
-    if isinstance(tag, EmbodimentTag):
-        return tag.value
-    try:
-        return EmbodimentTag.resolve(tag).value
-    except ValueError:
-        return str(tag).strip().lower()
 
 
 @dataclass

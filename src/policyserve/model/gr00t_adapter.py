@@ -8,8 +8,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..policies.base import Action, BasePolicy, Info, Observation
+from ..registry import canonical_tag
 from ..types import EmbodimentTag, ModalityConfig, ModalityConfigs, to_json_serializable
-from .checkpoint import canonical_tag
 
 GR00T_POLICY_MODULE = "gr00t.policy.gr00t_policy"
 INSTALL_HINT = (

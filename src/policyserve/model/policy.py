@@ -8,8 +8,9 @@ import torch
 
 from ..errors import ConfigError, ValidationError
 from ..policies.base import Action, BasePolicy, Info, Observation
+from ..registry import canonical_tag
 from ..types import EmbodimentTag, ModalityConfigs, ModalityDims
-from .checkpoint import PolicyBundle, canonical_tag, load_checkpoint, resolve_device
+from .checkpoint import PolicyBundle, load_checkpoint, resolve_device
 from .data import language_key, resize_frames
 from .network import FlowMatchingPolicyNet
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..registry import canonical_tag
 from ..types import EmbodimentTag, ModalityConfigs
-from .checkpoint import PolicyBundle, canonical_tag, read_bundle, resolve_device, save_checkpoint
+from .checkpoint import PolicyBundle, read_bundle, resolve_device, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import EpisodeLike, TrainingData, build_tokenizer, describe, fit_normalizer
 from .network import FlowMatchingPolicyNet
