@@ -108,11 +108,47 @@ def test_numpy_scalars_and_tuples_round_trip():
 
 
 def test_read_only_view_decoding_avoids_copies():
-    arr = np.arange(4096, dtype=np.float32)
+    arr = np.arange(4096, dtype=np.uint8)
     view = unpackb(packb(arr), writable=False)
-    assert not view.flags.writeable and view.base is not None
+    assert not view.flags.writeable and not view.flags.owndata
     np.testing.assert_array_equal(view, arr)
-    assert unpackb(packb(arr)).flags.writeable
+    copied = unpackb(packb(arr))  # bytes are immutable: writable=True must copy
+    assert copied.flags.writeable
+    np.testing.assert_array_equal(copied, arr)
+
+
+def test_writable_buffer_decodes_to_writable_views_without_copies():
+    frames = np.zeros((2, 1, 64, 64, 3), dtype=np.uint8)
+    message = bytearray(packb({"video": {"cam": frames}}))
+    decoded = unpackb(message)["video"]["cam"]
+    assert decoded.flags.writeable and decoded.shape == frames.shape
+    decoded[0, 0, 0, 0, 0] = 7  # in place, as a normalising policy does: it writes into the message buffer
+    assert 7 in message
+
+
+def test_unaligned_float_arrays_are_copied_to_aligned_memory():
+    arr = np.arange(4096, dtype=np.float32)  # its data lands at an odd offset in the message
+    decoded = unpackb(bytearray(packb(arr)))
+    assert decoded.flags.aligned and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, arr)
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb({1: "a"}),
+    msgpack.packb({"data": {2.5: 1}}),
+    msgpack.packb({b"raw": 1}, use_bin_type=True),
+    msgpack.packb({(1, 2): 1}),
+])
+def test_maps_with_non_string_keys_are_refused(payload):
+    with pytest.raises(ProtocolError, match="map keys must be strings"):
+        unpackb(payload)
+
+
+def test_extension_types_and_trailing_bytes_are_refused():
+    with pytest.raises(ProtocolError, match="extension types"):
+        unpackb(msgpack.packb(msgpack.ExtType(5, b"xx")))
+    with pytest.raises(ProtocolError, match="extra bytes"):
+        unpackb(packb({"a": 1}) + b"\x00")
 
 
 @pytest.mark.parametrize("payload, message", [

@@ -16,6 +16,7 @@ from policyserve import (
     ConstantPolicy, PolicyClient, PolicyServer, PolicyTimeoutError, ServerError, UnauthorizedError,
 )
 from policyserve.policies.base import BasePolicy
+from policyserve.protocol.server import AddressInUseError
 from policyserve.protocol.codec import packb, unpackb
 from policyserve.registry import get_embodiment_spec
 
@@ -170,7 +171,9 @@ BAD_INPUTS = [
                                                "options": None}}), "state['eef_pos']: expected dimension D=3, got D=5"),
     (packb({"endpoint": "get_action", "data": {"observation": {"video": {}}, "options": None}}),
      "video['ego_view'] missing"),
-    (packb({"endpoint": "get_action", "data": {"bogus": 1}}), "unexpected keyword argument 'bogus'"),
+    (packb({"endpoint": "get_action", "data": {"bogus": 1}}), "got unexpected 'bogus'"),
+    (msgpack.packb({"endpoint": "get_action", "data": {"observation": {7: np.zeros(3).tolist()}}}),
+     "map keys must be strings, got a int key"),
 ]
 
 
@@ -215,8 +218,8 @@ def _start_on_port(port: int, wait_s: float = 5.0) -> PolicyServer:
         try:
             srv.start()
             return srv
-        except zmq.ZMQError:
-            srv._context.term()
+        except AddressInUseError:
+            assert srv.closed  # a failed bind leaves nothing open
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -38,8 +38,15 @@ def register(sub: Any) -> None:
     p.add_argument("--use-sim-policy-wrapper", action=argparse.BooleanOptionalAction, default=False,
                    help="accept flat video.<k>/state.<k> observations and answer action.<k> (GR00T sim envs)")
     p.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted (MiB)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="most get_action requests merged into one policy call (continuous batching; "
+                        "1 turns merging off; default 32)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
-                   help="merge get_action requests from different clients arriving within this window")
+                   help="extra wait for more requests before a policy call that is not full (default 0)")
+    p.add_argument("--max-queued-per-client", type=int, default=64,
+                   help="requests one client may have waiting; more get 'server busy' at once (default 64)")
+    p.add_argument("--max-queued-mb", type=float, default=1024,
+                   help="total size of waiting requests; more get 'server busy' at once (MiB, default 1024)")
     p.set_defaults(func=run)
 
 
@@ -103,7 +110,8 @@ def _describe(args: argparse.Namespace) -> list[str]:
     if args.model_path:
         lines += [f"  Model path: {args.model_path}", f"  Device: {args.device}"]
     if args.dataset_path:
-        lines += [f"  Dataset path: {args.dataset_path}", f"  Execution horizon: {args.execution_horizon}"]
+        horizon = args.execution_horizon or "the action horizon"
+        lines += [f"  Dataset path: {args.dataset_path}", f"  Execution horizon: {horizon}"]
     lines += [f"  Host: {args.host}", f"  Port: {args.port}", f"  Strict: {args.strict}",
               f"  Auth: {'api token required' if args.api_token else 'none'}"]
     return lines
@@ -123,14 +131,18 @@ def run(args: argparse.Namespace) -> int:
             policy = SimPolicyWrapper(policy, strict=args.strict)
         server = PolicyServer(policy, host=args.host, port=args.port, api_token=args.api_token,
                               max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-                              batch_window_ms=args.batch_window_ms)
+                              max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+                              max_queued_per_client=args.max_queued_per_client,
+                              max_queued_bytes=int(args.max_queued_mb * 1024 * 1024))
         server.bind()
     except (PolicyServeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    batching = ("off" if args.max_batch_size == 1 or not server.backend.batchable
+                else f"up to {args.max_batch_size} requests per call")
+    print(f"  Batching: {batching}", flush=True)
 
     def _shutdown(signum: int, _frame: object) -> None:
-        print("\nShutting down server...", flush=True)
         server.stop(timeout=0)
 
     signal.signal(signal.SIGTERM, _shutdown)

@@ -44,7 +44,13 @@ def _gr00t_tag(tag: str | EmbodimentTag | None) -> Any:
 
 
 class Gr00tAdapterPolicy(BasePolicy):
-    """Wraps ``Gr00tPolicy`` so our server (timeouts, auth, batching) serves it; gr00t validates too."""
+    """Wraps ``Gr00tPolicy`` so our server (timeouts, auth, batching) serves it; gr00t validates too.
+
+    Batchable: ``Gr00tPolicy.get_action`` treats batch rows independently, so requests from different
+    clients are merged into one call.
+    """
+
+    batchable = True
 
     def __init__(self, policy: Any, *, strict: bool = True) -> None:
         super().__init__(strict=strict)

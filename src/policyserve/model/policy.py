@@ -18,12 +18,18 @@ from .network import FlowMatchingPolicyNet
 class ModelPolicy(BasePolicy):
     """Serves a :class:`FlowMatchingPolicyNet`; a whole request batch runs as one forward pass.
 
+    Batchable: the server merges requests from different clients into one forward pass, per-request
+    seeds included (``seed`` is a row option).
+
     Images of any size are resized to the trained ``image_size``. Randomness: with
     ``options={"seed": s}`` every batch row starts from the same noise drawn from ``s``, so a row's
     action depends only on its observation and ``s`` (batched == per-sample requests); otherwise a
     policy-level ``seed`` makes the sequence of calls reproducible (re-seeded by :meth:`reset`);
     with neither, torch's global RNG is used.
     """
+
+    batchable = True
+    row_options = frozenset({"seed"})
 
     def __init__(
         self,
@@ -84,12 +90,14 @@ class ModelPolicy(BasePolicy):
         cfg = self.bundle.model_config
         shape = (cfg.action_horizon, cfg.action_dim)
         seed = (options or {}).get("seed")
-        if seed is not None:
-            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-                raise ValidationError("options", "seed", "an int", repr(seed))
-            row = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-            return row.unsqueeze(0).expand(batch, *shape).contiguous()
-        return torch.randn((batch, *shape), generator=self._generator)
+        if seed is None:
+            return torch.randn((batch, *shape), generator=self._generator)
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed] * batch  # a list: one seed per row (merged)
+        if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                          for s in seeds):
+            raise ValidationError("options", "seed", f"an int, or a list of {batch} ints", repr(seed))
+        rows = {s: torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in set(seeds)}
+        return torch.stack([rows[s] for s in seeds])
 
     def _inputs(self, observation: Observation) -> tuple[dict, dict, torch.Tensor, int]:
         cfg = self.bundle.model_config

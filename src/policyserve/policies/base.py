@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..types import ModalityConfigs, ModalityDims
-from . import validation
+from . import batching, validation
 
 Observation = dict[str, Any]
 Action = dict[str, Any]
 Info = dict[str, Any]
+
+
+@dataclass
+class ActionRequest:
+    """One client's ``get_action`` call as a server hands it to :meth:`BasePolicy.serve_get_action`."""
+
+    observation: Observation
+    options: dict | None = None
+    client: str = ""
+    """Who sent it (stable per connection); policies with per-client state key it by this."""
+
+
 
 
 class BasePolicy(ABC):
@@ -19,7 +33,17 @@ class BasePolicy(ABC):
     With ``strict=True`` observations and actions are validated against ``get_modality_config()``
     (and ``get_modality_dims()`` where the policy declares sizes); failures raise
     :class:`policyserve.errors.ValidationError`.
+
+    Serving: a policy whose batch rows are independent sets ``batchable = True``; the server then
+    merges ``get_action`` requests from different clients whose ``options`` are equal (apart from
+    the keys in ``row_options``) into one :meth:`serve_get_action` call. Stateful policies (replay)
+    keep ``batchable = False`` and are called once per request.
     """
+
+    batchable: bool = False
+    row_options: frozenset[str] = frozenset()
+    """Option keys that may differ between merged requests: the merged call gets them as a list with
+    one value per batch row (e.g. ``seed``)."""
 
     def __init__(self, *, strict: bool = True) -> None:
         self.strict = strict
@@ -53,6 +77,53 @@ class BasePolicy(ABC):
             self.check_action(action, batch_size or None)
         return action, info
 
+    # -- serving ---------------------------------------------------------------------------------
+    def serve_reset(self, options: dict | None = None, client: str = "") -> Info:
+        """``reset`` as the server calls it, knowing which client asked."""
+        return self.reset(options)
+
+    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+        """Answer several clients' requests, in one policy call when they can be merged.
+
+        Each request is validated on its own, so one bad request fails alone; the outcome per request
+        is ``(action, info)`` or the exception it raised.
+        """
+        if len(requests) == 1:
+            return [self._outcome(lambda: self.get_action(requests[0].observation, requests[0].options))]
+        outcomes: list[tuple[Action, Info] | Exception | None] = [None] * len(requests)
+        valid = []
+        for i, request in enumerate(requests):
+            try:
+                if self.strict:
+                    self.check_observation(request.observation)
+                valid.append(i)
+            except Exception as exc:  # noqa: BLE001 - reported to that request's client only
+                outcomes[i] = exc
+        if valid:
+            for i, outcome in zip(valid, self._merged_call([requests[i] for i in valid])):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _merged_call(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+        observations = [r.observation for r in requests]
+        merged, sizes = batching.merge_observations(observations)
+        options = merge_row_options([r.options for r in requests], sizes, self.row_options)
+        try:
+            action, info = self._get_action(merged, options)
+            if self.strict:
+                self.check_action(action, sum(sizes))
+            parts = batching.split_rows(action, sizes)
+        except Exception as exc:  # noqa: BLE001 - the call failed for every merged request
+            return [exc] * len(requests)
+        return [(part, dict(info)) for part in parts]
+
+    @staticmethod
+    def _outcome(call: Any) -> tuple[Action, Info] | Exception:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - returned, not raised: the server answers it
+            return exc
+
 
 class PolicyWrapper(BasePolicy):
     """A policy that adapts another one; forwards reset, modality config and dims."""
@@ -69,3 +140,46 @@ class PolicyWrapper(BasePolicy):
 
     def reset(self, options: dict | None = None) -> Info:
         return self.policy.reset(options)
+
+    @property
+    def batchable(self) -> bool:  # type: ignore[override]
+        return self.policy.batchable
+
+    @property
+    def row_options(self) -> frozenset[str]:  # type: ignore[override]
+        return self.policy.row_options
+
+
+def merge_key(options: dict | None, row_options: frozenset[str]) -> Any:
+    """Requests whose merge keys are equal can share one policy call (see ``BasePolicy.row_options``).
+
+    Options holding anything but plain values (arrays, say) get a key equal to no other.
+    """
+    if not options:
+        return ()
+    try:
+        shared = tuple(sorted((k, _frozen(v)) for k, v in options.items() if k not in row_options))
+    except TypeError:
+        return object()
+    return shared, tuple(sorted(k for k in options if k in row_options))
+
+
+def _frozen(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    raise TypeError(type(value).__name__)
+
+
+def merge_row_options(options: list[dict | None], sizes: list[int], row_options: frozenset[str]) -> dict | None:
+    """The options of a merged call: shared keys once, ``row_options`` keys as one value per row."""
+    first = options[0]
+    if not first:
+        return first
+    merged = {k: v for k, v in first.items() if k not in row_options}
+    for key in row_options & first.keys():
+        merged[key] = [opts[key] for opts, size in zip(options, sizes) for _ in range(size)]  # type: ignore[index]
+    return merged

@@ -43,7 +43,7 @@ class ConstantPolicy(BasePolicy):
         return self.dims
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
-        from ..protocol.batching import batch_size_of
+        from .batching import batch_size_of
 
         batch = batch_size_of(observation) if observation else int((options or {}).get("batch_size", 1))
         horizon = action_horizon(self.modality_configs["action"])

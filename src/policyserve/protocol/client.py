@@ -65,7 +65,7 @@ class PolicyClient(BasePolicy):
         try:
             if not self._socket.poll(timeout, zmq.POLLOUT):
                 raise zmq.Again()
-            self._socket.send(payload, zmq.NOBLOCK)
+            self._socket.send(payload, zmq.NOBLOCK, copy=False)
             if not self._socket.poll(timeout, zmq.POLLIN):
                 raise zmq.Again()
             reply = self._socket.recv(zmq.NOBLOCK, copy=False)
@@ -80,7 +80,7 @@ class PolicyClient(BasePolicy):
         except zmq.ZMQError:
             self._init_socket()
             raise
-        if reply.bytes == LEGACY_ERROR_REPLY:
+        if len(reply) == len(LEGACY_ERROR_REPLY) and reply.bytes == LEGACY_ERROR_REPLY:
             raise ServerError("Server error. Make sure we are running the correct policy server.")
         try:
             return unpackb(reply.buffer, writable=True)

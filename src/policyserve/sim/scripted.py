@@ -9,12 +9,13 @@ positions) and keeps only its phase between steps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..policies.base import Action, BasePolicy, Info, Observation
+from ..policies.base import Action, ActionRequest, BasePolicy, Info, Observation
 from ..registry import get_embodiment_spec
 from ..types import ModalityConfig, ModalityConfigs, ModalityDims
 from .envs import get_task
@@ -179,7 +180,12 @@ class ScriptedPolicy(BasePolicy):
     client executed ``n_action_steps`` actions of each chunk (the phases also re-sync from the observed
     positions and gripper opening, so other execution lengths still work, with different timing).
     ``reset({"env_ids": [...]})`` resets only those batch indices; ``reset()`` resets all.
+
+    Served, each client keeps its own experts (keyed by client and batch index), so requests from
+    several clients are answered in one call and one client's reset leaves the others' phases alone.
     """
+
+    batchable = True
 
     def __init__(self, task: str, action_horizon: int = 16, *, n_action_steps: int = 8, strict: bool = True,
                  config: ExpertConfig | None = None) -> None:
@@ -188,7 +194,7 @@ class ScriptedPolicy(BasePolicy):
         self.action_horizon = action_horizon
         self.n_action_steps = max(1, min(n_action_steps, action_horizon))
         self.expert_config = config or ExpertConfig()
-        self._experts: dict[int, ScriptedExpert] = {}
+        self._experts: dict[tuple[str, int], ScriptedExpert] = {}
         spec = get_embodiment_spec("franka_panda")
         base = spec.modality_configs
         self._state_keys = list(base["state"].modality_keys) + STATE_KEYS[self.task]
@@ -211,24 +217,40 @@ class ScriptedPolicy(BasePolicy):
         return self._dims
 
     def reset(self, options: dict | None = None) -> Info:
+        return self.serve_reset(options)
+
+    def serve_reset(self, options: dict | None = None, client: str = "") -> Info:
         env_ids = (options or {}).get("env_ids")
-        if env_ids is None:
-            self._experts.clear()
-        else:
-            for i in env_ids:
-                self._experts.pop(int(i), None)
+        for key in [k for k in self._experts if k[0] == client]:
+            if env_ids is None or key[1] in {int(i) for i in env_ids}:
+                del self._experts[key]
         return {}
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
+        return self._act(observation, "")
+
+    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+        """Every request in one call, each client's envs keeping their own expert (phase)."""
+        return [self._outcome(lambda r=r: self._checked(r)) for r in requests]
+
+    def _checked(self, request: ActionRequest) -> tuple[Action, Info]:
+        if self.strict:
+            self.check_observation(request.observation)
+        return self._act(request.observation, request.client)
+
+    def _act(self, observation: Observation, client: str) -> tuple[Action, Info]:
         state = observation["state"]
         batch = next(iter(state.values())).shape[0]
         chunks = np.zeros((batch, self.action_horizon, 7), dtype=np.float32)
+        phases = []
         for b in range(batch):
-            expert = self._experts.setdefault(b, ScriptedExpert(self.task, self.expert_config))
+            expert = self._experts.setdefault((client, b), ScriptedExpert(self.task, self.expert_config))
             obs = {k: np.asarray(state[k][b, -1], dtype=np.float64) for k in self._state_keys}
-            chunks[b], self._experts[b] = rollout_chunk(expert, obs, self.action_horizon, self.n_action_steps)
+            chunks[b], self._experts[(client, b)] = rollout_chunk(expert, obs, self.action_horizon,
+                                                                  self.n_action_steps)
+            phases.append(self._experts[(client, b)].phase)
         action = {"arm": chunks[:, :, :6].copy(), "gripper": chunks[:, :, 6:].copy()}
-        return action, {"phase": [self._experts[b].phase for b in range(batch)]}
+        return action, {"phase": phases}
 
 
 def make_scripted_policy(task: str, action_horizon: int = 16, **kwargs: Any) -> ScriptedPolicy:

@@ -1,0 +1,48 @@
+"""What a :class:`~policyserve.serving.scheduler.Scheduler` reports as it works (for logs and metrics)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .scheduler import Request
+
+
+class SchedulerListener:
+    """No-op base: override the events you need. Called from front-door and worker threads."""
+
+    def rejected(self, request: Request, limit: str) -> None:
+        """``request`` was refused as busy because of ``limit`` (a SchedulerConfig field name)."""
+
+    def queue_depth(self, queued: int) -> None:
+        """Requests waiting after a change."""
+
+    def batch(self, endpoint: str, size: int, policy_ms: float) -> None:
+        """One backend call served ``size`` requests in ``policy_ms``."""
+
+    def answered(self, request: Request, ok: bool, policy_start: float | None, policy_end: float | None) -> None:
+        """``request`` got its reply (``ok`` False for ``{"error": ...}``); perf_counter times of its call."""
+
+    def failed(self, request: Request, exc: BaseException) -> None:
+        """``request``'s call raised ``exc`` (it is answered with an error)."""
+
+
+NULL_LISTENER = SchedulerListener()
+
+
+class Listeners(SchedulerListener):
+    """Forwards every event to several listeners."""
+
+    def __init__(self, *listeners: SchedulerListener) -> None:
+        self.listeners = [listener for listener in listeners if listener is not None]
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name == "listeners" or not hasattr(SchedulerListener, name):
+            return object.__getattribute__(self, name)
+        listeners = object.__getattribute__(self, "listeners")
+
+        def forward(*args: Any) -> None:
+            for listener in listeners:
+                getattr(listener, name)(*args)
+
+        return forward
