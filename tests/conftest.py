@@ -20,3 +20,27 @@ def gr1_dataset_path() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset not found at {path}")
     return path
+
+
+SKIP_IS_FAILURE = ("skipped tests count as failures: a missing dependency or fixture must not pass as "
+                   "'skipped' (install everything with scripts/install.sh; test data lives in ../shared/datasets)")
+
+
+def _fail_skip(report) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{SKIP_IS_FAILURE}\n{reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    report = (yield).get_result()
+    if report.outcome == "skipped":
+        _fail_skip(report)

@@ -193,3 +193,75 @@ def test_size_limit_refuses_before_decoding():
 def test_object_arrays_cannot_be_encoded():
     with pytest.raises(TypeError, match="object-dtype"):
         packb({"a": np.array([object()], dtype=object)})
+
+
+# -- property-based: any nested observation round-trips exactly; any bytes fail only as ProtocolError ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_DTYPES = st.sampled_from([np.uint8, np.int16, np.int64, np.float16, np.float32, np.float64, np.bool_, ">i4", "<U3"])
+_ARRAYS = _DTYPES.flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)))
+_LEAVES = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+           | st.text(max_size=20) | st.binary(max_size=20) | _ARRAYS)
+_MESSAGES = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+def _assert_same(got, want) -> None:
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_same(g, w)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want)
+        for key in want:
+            _assert_same(got[key], want[key])
+    else:
+        assert type(got) is type(want) and got == want
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_MESSAGES)
+def test_any_nested_message_round_trips_exactly(message):
+    encoded = packb(message)
+    _assert_same(unpackb(encoded), message)
+    _assert_same(unpackb(bytearray(encoded)), message)  # writable buffer: views instead of copies
+    if not isinstance(message, np.ndarray):
+        assert encoded == to_bytes(message)  # byte for byte what GR00T's encoder writes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+                    | st.text(max_size=10) | st.binary(max_size=10),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                    max_leaves=15))
+def test_decoder_agrees_with_msgpack_on_plain_messages(message):
+    encoded = msgpack.packb(message, use_bin_type=True)
+    assert unpackb(encoded) == msgpack.unpackb(encoded, raw=False)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_protocol_error(data):
+    try:
+        unpackb(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(_MESSAGES, st.data())
+def test_corrupted_messages_raise_only_protocol_error(message, data):
+    encoded = bytearray(packb(message))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(encoded) - 1))
+        encoded[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(encoded)))
+    try:
+        unpackb(bytes(encoded[:cut]))
+    except ProtocolError:
+        pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import types
@@ -165,8 +164,8 @@ def test_unknown_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
         checkpoint_kind(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gr00t") is not None, reason="gr00t is installed")
-def test_gr00t_checkpoint_without_gr00t_says_what_to_install(tmp_path: Path) -> None:
+def test_gr00t_checkpoint_without_gr00t_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gr00t", None)  # as if not installed, also where it is
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "Gr00tN1d6"}))
     with pytest.raises(ConfigError, match=r"gr00t package is not importable.*pip install"):
         load_policy(tmp_path, embodiment_tag="new_embodiment", device="cuda")
@@ -237,3 +236,88 @@ def test_adapter_wraps_gr00t_policy(fake_gr00t: None, tmp_path: Path) -> None:
         load_policy(tmp_path, embodiment_tag="gr1")
     with pytest.raises(ConfigError, match="does not know embodiment tag 'franka_panda'"):
         load_policy(tmp_path, embodiment_tag="franka_panda")
+
+
+def test_adapter_merges_requests_from_several_clients_into_one_gr00t_call(fake_gr00t: None, tmp_path: Path) -> None:
+    from policyserve.policies.base import ActionRequest
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "Gr00tN1d6"}))
+    policy = load_policy(tmp_path)
+    assert policy.batchable
+
+    def obs(batch: int) -> dict:
+        return {"video": {k: np.zeros((batch, 1, 8, 8, 3), np.uint8) for k in HDF5_CAMERAS.values()},
+                "state": {k: np.zeros((batch, 1, d), np.float32) for k, d in SPEC.dims.state.items()},
+                "language": {LANG: [["lift"]] * batch}}
+
+    outcomes = policy.serve_get_action([ActionRequest(obs(1), None, "a"), ActionRequest(obs(3), None, "b")])
+    assert [o[0]["arm"].shape[0] for o in outcomes] == [1, 3]
+    assert policy.policy.calls == [None]  # one call to Gr00tPolicy for both clients
+
+
+def _untrained_model_policy():
+    from policyserve.model.config import TrainConfig
+    from policyserve.model.policy import ModelPolicy
+    from policyserve.model.train import Trainer
+    import tempfile
+
+    episodes = make_episodes(SPEC.modality_configs, SPEC.dims.state, SPEC.dims.action, n_episodes=2, length=8,
+                             image_hw=(16, 16))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(episodes, SPEC.modality_configs, out, TrainConfig(max_steps=1, batch_size=2, progress=False,
+                                                                            resume=False),
+                          architecture={"image_size": 16, "d_model": 32}, embodiment_tag="franka_panda")
+        return ModelPolicy(trainer.model, trainer.bundle)
+
+
+def _model_obs(batch: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"video": {k: rng.integers(0, 255, (batch, 1, 16, 16, 3), dtype=np.uint8) for k in HDF5_CAMERAS.values()},
+            "state": {k: rng.normal(size=(batch, 1, d)).astype(np.float32) for k, d in SPEC.dims.state.items()},
+            "language": {LANG: [["lift the cube"]] * batch}}
+
+
+def test_model_merged_call_with_per_request_seeds_equals_separate_calls() -> None:
+    from policyserve.policies.base import ActionRequest
+
+    policy = _untrained_model_policy()
+    assert policy.batchable and "seed" in policy.row_options
+    requests = [ActionRequest(_model_obs(1, 0), {"seed": 1}, "a"), ActionRequest(_model_obs(3, 1), {"seed": 2}, "b"),
+                ActionRequest(_model_obs(2, 2), {"seed": 1}, "c")]
+    merged = policy.serve_get_action(requests)
+    for request, (action, _) in zip(requests, merged):
+        alone, _ = policy.get_action(request.observation, request.options)
+        for key in alone:
+            np.testing.assert_allclose(action[key], alone[key], atol=1e-5)
+    with pytest.raises(Exception, match="a list of 2 ints"):
+        policy.get_action(_model_obs(2, 0), {"seed": [1]})
+
+
+def test_model_server_merges_clients_with_different_seeds() -> None:
+    import threading
+
+    from policyserve import PolicyClient, PolicyServer
+
+    policy = _untrained_model_policy()
+    server = PolicyServer(policy, port=0, verbose=False, batch_window_ms=300)
+    server.start()
+    try:
+        results = {}
+
+        def call(i: int) -> None:
+            with PolicyClient(port=server.port, timeout_ms=20000) as c:
+                results[i] = c._get_action(_model_obs(i + 1, i), {"seed": 10 + i})
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(results) == [0, 1, 2]
+        assert max(info["server_timing"]["merged_requests"] for _, info in results.values()) == 3
+        for i, (action, _) in results.items():
+            alone, _ = policy.get_action(_model_obs(i + 1, i), {"seed": 10 + i})
+            for key in alone:
+                np.testing.assert_allclose(action[key], alone[key], atol=1e-5)
+    finally:
+        server.stop(30)
