@@ -43,6 +43,9 @@ def register(sub: Any) -> None:
                         "1 turns merging off; default 32)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="extra wait for more requests before a policy call that is not full (default 0)")
+    p.add_argument("--rejoin-wait-ms", type=float, default=5.0,
+                   help="after a merged call, wait up to this long (at most half the call's time) for the clients "
+                        "it answered to send again, so they stay in one batch; never for a lone client (default 5)")
     p.add_argument("--max-queued-per-client", type=int, default=64,
                    help="requests one client may have waiting; more get 'server busy' at once (default 64)")
     p.add_argument("--max-queued-mb", type=float, default=1024,
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         server = PolicyServer(policy, host=args.host, port=args.port, api_token=args.api_token,
                               max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                               max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+                              rejoin_wait_ms=args.rejoin_wait_ms,
                               max_queued_per_client=args.max_queued_per_client,
                               max_queued_bytes=int(args.max_queued_mb * 1024 * 1024))
         server.bind()

@@ -87,6 +87,7 @@ class PolicyServer:
         hard_limit_bytes: int | None = None,
         batch_window_ms: float = 0.0,
         max_batch_size: int = 32,
+        rejoin_wait_ms: float = 5.0,
         max_queued_per_client: int = 64,
         max_queued_bytes: int = 1 << 30,
         shutdown_timeout: float = 60.0,
@@ -104,7 +105,7 @@ class PolicyServer:
         self.shutdown_timeout = shutdown_timeout
         self.verbose = verbose
         self.config = SchedulerConfig(
-            max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+            max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, rejoin_wait_ms=rejoin_wait_ms,
             max_queued_per_client=max_queued_per_client, max_queued_bytes=max_queued_bytes,
             workers=self.backend.concurrency,
         )

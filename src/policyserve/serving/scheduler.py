@@ -7,8 +7,10 @@ limits, and worker threads serve them:
   at most one batch per client is in flight, so replies never overtake each other;
 - **continuous batching**: while a policy call runs, requests queue; when it returns, every queued
   ``get_action`` that can share a call (equal options, same observation layout) goes into the next
-  one, up to ``max_batch_size`` requests; a lone client pays no batching delay (``batch_window_ms``
-  adds an optional wait for more);
+  one, up to ``max_batch_size`` requests. Clients the previous merged call answered are given up to
+  ``rejoin_wait_ms`` (at most half that call's time) to send their next request, so closed-loop clients
+  stay together instead of splitting into small batches; a lone client pays no batching delay
+  (``batch_window_ms`` adds an optional wait for more);
 - **bounded**: per-client and total-bytes limits; a request over a limit is refused at once with
   :class:`ServerBusyError`, never left waiting;
 - **clean shutdown**: :meth:`close` answers everything queued with "server shutting down" and waits
@@ -17,7 +19,6 @@ limits, and worker threads serve them:
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -46,6 +47,8 @@ class SchedulerConfig:
     """Most requests merged into one policy call; 1 turns merging off."""
     batch_window_ms: float = 0.0
     """Extra wait for more requests before a call that is not full (0: continuous batching only)."""
+    rejoin_wait_ms: float = 5.0
+    """Longest wait for the clients of the previous merged call to send again (0: never wait)."""
     max_queued_per_client: int = 64
     """Requests one client may have waiting; more are refused as busy."""
     max_queued_bytes: int = 1 << 30
@@ -90,7 +93,8 @@ class Scheduler:
         self._in_flight = 0
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._ids = itertools.count()
+        self._rejoining: set[str] = set()  # clients of the last merged call that have not sent again
+        self._last_call_ms = 0.0
 
     # -- front-door side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,10 +179,13 @@ class Scheduler:
             first = self._take(first_client)
             batch = [first]
             if first.endpoint == "get_action" and self._mergeable():
-                if self.config.batch_window_ms > 0 and self.config.max_batch_size > 1:
+                self._wait_for_rejoin()
+                if self.config.batch_window_ms > 0:
                     self._wait_for_more(first)
                 batch += self._companions(first)
             self._busy_clients.update(r.client for r in batch)
+            if first.endpoint == "get_action":
+                self._rejoining = {r.client for r in batch} if len(batch) > 1 else set()
             self._in_flight += 1
             return batch
 
@@ -193,6 +200,16 @@ class Scheduler:
         self._queued -= 1
         self._queued_bytes -= request.nbytes
         return request
+
+    def _wait_for_rejoin(self) -> None:
+        wait_ms = min(self.config.rejoin_wait_ms, self._last_call_ms / 2)
+        deadline = time.perf_counter() + wait_ms / 1000
+        while not self._closed and any(c not in self._queues and c not in self._busy_clients
+                                       for c in self._rejoining):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._lock.wait(remaining)
 
     def _wait_for_more(self, first: Request) -> None:
         deadline = first.received + self.config.batch_window_ms / 1000
@@ -241,6 +258,8 @@ class Scheduler:
             assert first.call is not None
             outcomes = [_run(first.call)]
         end = time.perf_counter()
+        if first.endpoint == "get_action":
+            self._last_call_ms = (end - start) * 1000
         self.listener.batch(first.endpoint, len(batch), (end - start) * 1000)
         for request, outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):

@@ -1,0 +1,224 @@
+"""Serving under load: 8 client processes, each sending get_action in a closed loop.
+
+(a) the trained model (a tiny checkpoint this script makes: the built-in flow-matching policy, 84x84
+    cameras, a few training steps) served by ``policyserve serve --model-path``, with continuous batching
+    (default) and with ``--max-batch-size 1``;
+(b) a synthetic policy costing 20 ms + 1 ms per sample, served by our server and by the upstream serial
+    scheme (GR00T's REQ/REP loop with np.save-in-msgpack, tests/upstream_gr00t.py) with the same cost.
+
+Prints aggregate requests/s, p50/p99 latency and the merged batch sizes, and the ratios against the
+baselines (goals: model >= 3x unbatched, synthetic >= 5x upstream).
+
+    python benchmarks/serving.py [--clients 8] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+LANG = "annotation.human.action.task_description"
+
+
+def franka_observation(image_size: int, seed: int) -> dict:
+    from policyserve.registry import get_embodiment_spec
+
+    spec = get_embodiment_spec("franka_panda")
+    rng = np.random.default_rng(seed)
+    return {
+        "video": {k: rng.integers(0, 255, (1, 1, image_size, image_size, 3), dtype=np.uint8)
+                  for k in spec.modality_configs["video"].modality_keys},
+        "state": {k: rng.normal(size=(1, 1, d)).astype(np.float32) for k, d in spec.dims.state.items()},
+        "language": {LANG: [["lift the cube"]]},
+    }
+
+
+# -- clients ---------------------------------------------------------------------------------------------------
+def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int, start_at: float, out) -> None:
+    """Closed loop until ``start_at + seconds``; sends (latencies ms, merged sizes) back."""
+    obs = franka_observation(image_size, seed)
+    if kind == "upstream":
+        from upstream_gr00t import UpstreamClient
+
+        client = UpstreamClient(port, timeout_ms=60000)
+        call = lambda: (client.call_endpoint("get_action", {"observation": obs, "options": None}), None)  # noqa: E731
+    else:
+        from policyserve import PolicyClient
+
+        client = PolicyClient(host="127.0.0.1", port=port, timeout_ms=60000)
+        call = lambda: client.get_action(obs)  # noqa: E731
+    call()  # warm-up, not counted
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies, merged = [], []
+    end = start_at + seconds
+    while time.time() < end:
+        t0 = time.perf_counter()
+        reply = call()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        info = reply[1] if kind != "upstream" else None
+        if info:
+            merged.append(info["server_timing"]["merged_requests"])
+    out.put((latencies, merged))
+    client.close()
+
+
+def run_clients(kind: str, port: int, n: int, seconds: float, image_size: int) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 4.0  # every client connected and warmed up before the clock starts
+    procs = [ctx.Process(target=client_main, args=(kind, port, seconds, image_size, i, start_at, out))
+             for i in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    latencies = [x for lat, _ in results for x in lat]
+    merged = Counter(x for _, m in results for x in m)
+    ordered = sorted(latencies)
+    return {
+        "req_per_s": len(latencies) / seconds,
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "merged": dict(sorted(merged.items())),
+    }
+
+
+# -- servers ---------------------------------------------------------------------------------------------------
+class SyntheticPolicy:
+    """20 ms + 1 ms per sample, for both servers."""
+
+    @staticmethod
+    def cost(batch: int) -> None:
+        time.sleep(0.020 + 0.001 * batch)
+
+
+def synthetic_server_main(kind: str, ready) -> None:
+    from policyserve import ConstantPolicy, PolicyServer
+    from policyserve.registry import get_embodiment_spec
+
+    spec = get_embodiment_spec("franka_panda")
+
+    class Synthetic(ConstantPolicy):
+        def _get_action(self, observation, options=None):
+            action, info = super()._get_action(observation, options)
+            SyntheticPolicy.cost(action["arm"].shape[0])
+            return action, info
+
+    policy = Synthetic(spec.modality_configs, spec.dims)
+    if kind == "upstream":
+        from upstream_gr00t import UpstreamServer
+
+        def get_action(observation, options=None):
+            return list(policy.get_action(observation, options))
+
+        server = UpstreamServer({"get_action": get_action}).start()
+        ready.put(server.port)
+        while True:
+            time.sleep(3600)
+    server = PolicyServer(policy, port=0, verbose=False)
+    server.bind()
+    ready.put(server.port)
+    server.run()
+
+
+def start_synthetic(kind: str) -> tuple[mp.Process, int]:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=synthetic_server_main, args=(kind, ready), daemon=True)
+    proc.start()
+    return proc, ready.get(timeout=60)
+
+
+def make_checkpoint(directory: Path, image_size: int) -> Path:
+    from policyserve.model.checkpoint import save_checkpoint
+    from policyserve.model.config import TrainConfig
+    from policyserve.model.synthetic import make_episodes
+    from policyserve.model.train import Trainer
+    from policyserve.registry import get_embodiment_spec
+
+    spec = get_embodiment_spec("franka_panda")
+    episodes = make_episodes(spec.modality_configs, spec.dims.state, spec.dims.action, n_episodes=4, length=20,
+                             image_hw=(image_size, image_size))
+    trainer = Trainer(episodes, spec.modality_configs, directory / "train",
+                      TrainConfig(max_steps=3, batch_size=4, progress=False, resume=False),
+                      architecture={"image_size": image_size}, embodiment_tag="franka_panda")
+    for _ in range(3):
+        trainer.train_step()
+    return save_checkpoint(directory / "ckpt", trainer.model, trainer.bundle)
+
+
+def start_model_server(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    import re
+
+    proc = subprocess.Popen([sys.executable, "-m", "policyserve", "serve", "--model-path", str(checkpoint),
+                             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        match = re.search(r"listening on tcp://[\d.]+:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("model server did not start")
+
+
+def show(name: str, row: dict) -> None:
+    print(f"{name:<34}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}   {row['merged'] or '-'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--image-size", type=int, default=84)
+    args = parser.parse_args()
+
+    print(f"{args.clients} client processes, closed loop, {args.seconds:.0f} s each run, B=1 per request")
+    print(f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}   merged batch sizes (count)")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_checkpoint(Path(tmp), args.image_size)
+        for name, extra in (("model, --max-batch-size 1", ("--max-batch-size", "1")),
+                            ("model, continuous batching", ())):
+            proc, port = start_model_server(checkpoint, *extra)
+            try:
+                rows[name] = run_clients("ours", port, args.clients, args.seconds, args.image_size)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            show(name, rows[name])
+    for name, kind in (("synthetic 20ms+1ms/sample, upstream", "upstream"),
+                       ("synthetic 20ms+1ms/sample, ours", "ours")):
+        proc, port = start_synthetic(kind)
+        try:
+            rows[name] = run_clients(kind, port, args.clients, args.seconds, args.image_size)
+        finally:
+            proc.terminate()
+            proc.join(30)
+        show(name, rows[name])
+    model = rows["model, continuous batching"]["req_per_s"] / rows["model, --max-batch-size 1"]["req_per_s"]
+    synthetic = (rows["synthetic 20ms+1ms/sample, ours"]["req_per_s"]
+                 / rows["synthetic 20ms+1ms/sample, upstream"]["req_per_s"])
+    print(f"\nmodel: batching / --max-batch-size 1 = {model:.2f}x throughput (goal >= 3x)")
+    print(f"synthetic: ours / upstream serial = {synthetic:.2f}x throughput (goal >= 5x)")
+
+
+if __name__ == "__main__":
+    main()
