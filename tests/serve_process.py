@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -20,23 +22,38 @@ def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> I
         [sys.executable, "-m", "policyserve", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
-    lines = []
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read_banner() -> None:  # a thread, so waiting for the banner is bounded even if the server hangs
+        for line in proc.stdout:
+            lines.put(line)
+            if READY.search(line):
+                break
+        else:
+            lines.put(None)
+
+    threading.Thread(target=read_banner, daemon=True).start()
+    seen: list[str] = []
     try:
         deadline = time.monotonic() + timeout
         port = None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+        while port is None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 break
-            lines.append(line)
+            if line is None:
+                break
+            seen.append(line)
             match = READY.search(line)
             if match:
                 port = int(match.group(1))
-                break
         if port is None:
             proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(lines) + (proc.stdout.read() or ""))
-        proc.banner = "".join(lines)  # type: ignore[attr-defined]
+            proc.wait(10)
+            raise RuntimeError("server did not start:\n" + "".join(seen))
+        lines_text = "".join(seen)
+        proc.banner = lines_text  # type: ignore[attr-defined]
         yield proc, port
     finally:
         if proc.poll() is None:
