@@ -8,7 +8,8 @@ key per feature (``observation.state`` -> state key ``state``, ``action`` -> act
 language key ``task``).
 
 Episodes are looked up by ``episode_index`` (which may be non-contiguous), never by line position. Reading
-states or actions never decodes video.
+states or actions never decodes video. Datasets converted from HDF5 carry ``meta/hdf5_demo_map.json``
+(``demo_N`` -> episode index), read by :meth:`LeRobotDataset.episode_for_demo`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d
 DEFAULT_COLUMN = {"state": "observation.state", "action": "action"}
 VIDEO_PREFIX = "observation.images."
 PREFERRED_LANGUAGE_KEY = "annotation.human.action.task_description"
+DEMO_MAP_FILE = "hdf5_demo_map.json"
 
 
 class DatasetError(PolicyServeError, ValueError):
@@ -258,7 +260,11 @@ class LeRobotDataset:
         files = sorted((meta / "episodes").rglob("*.parquet"))
         if not files:
             raise DatasetError(f"LeRobot {self.version} dataset {self.root} has no meta/episodes/**/*.parquet")
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        tables = []
+        for f in files:
+            names = [n for n in pq.read_schema(f).names if not n.startswith("stats/")]
+            tables.append(pq.read_table(f, columns=names))
+        table = pa.concat_tables(tables, promote_options="default")
         rows = table.to_pylist()
         data_path = self.info.get("data_path", V3_DATA_PATH)
         video_path = self.info.get("video_path", V3_VIDEO_PATH)
@@ -334,6 +340,37 @@ class LeRobotDataset:
     def episode_tasks(self, episode_index: int) -> list[str]:
         """Task texts listed for an episode in the episode metadata."""
         return list(self._record(episode_index).tasks)
+
+    @property
+    def demo_map(self) -> dict[str, int] | None:
+        """``{"demo_N": episode_index}`` from ``meta/hdf5_demo_map.json``; None when the dataset has none."""
+        path = self.root / "meta" / DEMO_MAP_FILE
+        if not path.is_file():
+            return None
+        mapping = _read_json(path)
+        demos = mapping.get("demo_to_episode") if isinstance(mapping, dict) else None
+        if not isinstance(demos, dict) or not all(isinstance(v, int) for v in demos.values()):
+            raise DatasetError(f"{path}: expected a 'demo_to_episode' object of demo name -> episode index")
+        return demos
+
+    def episode_for_demo(self, demo_index: int) -> int:
+        """Episode index holding HDF5 demo ``demo_<demo_index>`` (through ``meta/hdf5_demo_map.json``).
+
+        Without a demo map, demo N is episode N. Unknown demos raise :class:`DatasetError` naming the known ones.
+        """
+        if isinstance(demo_index, bool) or not isinstance(demo_index, (int, np.integer)):
+            raise DatasetError(f"demo index must be an integer, got {type(demo_index).__name__} {demo_index!r}")
+        demos = self.demo_map
+        if demos is None:
+            return self._record(int(demo_index)).episode_index
+        name = f"demo_{int(demo_index)}"
+        if name not in demos:
+            known = sorted(demos, key=lambda d: (len(d), d))
+            raise DatasetError(
+                f"{name} is not in dataset {self.root} (meta/{DEMO_MAP_FILE} lists {len(known)} demos: "
+                f"{', '.join(known[:20])}{', ...' if len(known) > 20 else ''})"
+            )
+        return self._record(demos[name]).episode_index
 
     def has_video(self, video_key: str, episode_index: int) -> bool:
         """Whether the mp4 for a video key of an episode exists on disk."""
