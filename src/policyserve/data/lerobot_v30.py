@@ -3,7 +3,7 @@
 ``data/chunk-XXX/file-YYY.parquet`` holds consecutive episodes' frames (rows ``dataset_from_index`` to
 ``dataset_to_index`` of the dataset); ``videos/<column>/chunk-XXX/file-YYY.mp4`` holds consecutive episodes' frames
 of one camera (an episode spans ``from_timestamp`` to ``to_timestamp`` of the file); a new file is started once a
-file passes its size limit. ``meta/episodes/chunk-000/file-000.parquet`` has one row per episode with these
+file passes its size limit (counted as the Arrow size of the rows / the encoded video bytes written to it). ``meta/episodes/chunk-000/file-000.parquet`` has one row per episode with these
 locations and the episode's statistics (``stats/<feature>/<stat>``); ``meta/tasks.parquet`` maps task texts
 (the pandas index, as LeRobot writes it) to ``task_index``.
 """
@@ -25,10 +25,6 @@ V3_TASKS_PATH = "meta/tasks.parquet"
 def next_file(chunk: int, file: int, chunks_size: int) -> tuple[int, int]:
     """The (chunk, file) index after ``(chunk, file)``: a chunk holds ``chunks_size`` files."""
     return (chunk + 1, 0) if file == chunks_size - 1 else (chunk, file + 1)
-
-
-def _megabytes(path: Path) -> float:
-    return path.stat().st_size / 2**20 if path.is_file() else 0.0
 
 
 def flatten(prefix: str, value: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +79,7 @@ class V30Storage:
         self.data_limit, self.video_limit = data_files_size_in_mb, video_files_size_in_mb
         self._data_chunk = self._data_file = 0
         self._data_writer: Any = None
+        self._data_bytes = 0
         self._videos: dict[str, _VideoFiles] = {}
 
     def _data_path(self) -> Path:
@@ -95,15 +92,16 @@ class V30Storage:
             self._data_path().parent.mkdir(parents=True, exist_ok=True)
             self._data_writer = pq.ParquetWriter(self._data_path(), table.schema)
         self._data_writer.write_table(table)
+        self._data_bytes += table.nbytes
         location = {
             "data/chunk_index": self._data_chunk,
             "data/file_index": self._data_file,
             "dataset_from_index": first_index,
             "dataset_to_index": first_index + table.num_rows,
         }
-        if _megabytes(self._data_path()) >= self.data_limit:
+        if self._data_bytes / 2**20 >= self.data_limit:
             self._data_writer.close()
-            self._data_writer = None
+            self._data_writer, self._data_bytes = None, 0
             self._data_chunk, self._data_file = next_file(self._data_chunk, self._data_file, self.chunks_size)
         return location
 
@@ -123,7 +121,7 @@ class V30Storage:
             prefix + "from_timestamp": start / self.fps,
             prefix + "to_timestamp": files.writer.num_frames / self.fps,
         }
-        if _megabytes(path) >= self.video_limit:
+        if files.writer.num_bytes / 2**20 >= self.video_limit:
             files.writer.close()
             files.writer = None
             files.chunk, files.file = next_file(files.chunk, files.file, self.chunks_size)

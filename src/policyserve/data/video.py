@@ -18,7 +18,8 @@ class VideoWriter:
     """An MP4 file being written frame batch by frame batch (one h264 stream at an integer fps); a context manager.
 
     LeRobot v3.0 stores many episodes back to back in one file: each :meth:`write` appends frames, and
-    :attr:`num_frames` / ``fps`` give the next episode's start time in the file.
+    :attr:`num_frames` / ``fps`` give the next episode's start time in the file; :attr:`num_bytes` counts the
+    encoded bytes so far.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class VideoWriter:
             raise VideoError(f"video fps must be a positive integer, got {fps}")
         self.path, self.fps, self.codec, self.pix_fmt, self.crf = Path(path), rate, codec, pix_fmt, crf
         self.num_frames = 0
+        self.num_bytes = 0
         self._container: Any = None
         self._stream: Any = None
         self._size: tuple[int, int] | None = None
@@ -57,16 +59,19 @@ class VideoWriter:
         for frame in frames:
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             video_frame.pts = self.num_frames
-            for packet in self._stream.encode(video_frame):
-                self._container.mux(packet)
+            self._mux(self._stream.encode(video_frame))
             self.num_frames += 1
+
+    def _mux(self, packets: Any) -> None:
+        for packet in packets:
+            self.num_bytes += packet.size
+            self._container.mux(packet)
 
     def close(self) -> None:
         """Flush the encoder and close the file (nothing is written when no frame was)."""
         if self._container is None:
             return
-        for packet in self._stream.encode(None):
-            self._container.mux(packet)
+        self._mux(self._stream.encode(None))
         self._container.close()
         self._container = None
 
