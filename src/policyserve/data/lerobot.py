@@ -226,12 +226,12 @@ class LeRobotDataset:
             idx = int(row["episode_index"])
             chunk = idx // chunks_size
             videos = {
-                spec.column: (
-                    self.root / video_path.format(episode_chunk=chunk, video_key=spec.column, episode_index=idx),
+                column: (
+                    self.root / video_path.format(episode_chunk=chunk, video_key=column, episode_index=idx),
                     None,
                     None,
                 )
-                for spec in self.modality.video.values()
+                for column in self.video_columns
             } if video_path else {}
             episodes[idx] = _EpisodeRecord(
                 idx,
@@ -275,16 +275,16 @@ class LeRobotDataset:
                 raise DatasetError(f"{meta / 'episodes'}: episode rows lack columns {missing}")
             idx = int(row["episode_index"])
             videos = {}
-            for spec in self.modality.video.values():
-                prefix = f"videos/{spec.column}/"
+            for column in self.video_columns:
+                prefix = f"videos/{column}/"
                 if row.get(prefix + "chunk_index") is None:
                     continue
                 file = self.root / video_path.format(
-                    video_key=spec.column,
+                    video_key=column,
                     chunk_index=row[prefix + "chunk_index"],
                     file_index=row[prefix + "file_index"],
                 )
-                videos[spec.column] = (file, row.get(prefix + "from_timestamp"), row.get(prefix + "to_timestamp"))
+                videos[column] = (file, row.get(prefix + "from_timestamp"), row.get(prefix + "to_timestamp"))
             episodes[idx] = _EpisodeRecord(
                 idx,
                 int(row["length"]),
@@ -294,6 +294,16 @@ class LeRobotDataset:
                 videos,
             )
         return tasks, episodes
+
+    @property
+    def video_columns(self) -> list[str]:
+        """Video columns: every ``video`` feature of info.json plus the columns modality.json names."""
+        columns = [name for name, f in self.features.items() if (f or {}).get("dtype") == "video"]
+        return list(dict.fromkeys([*columns, *(s.column for s in self.modality.video.values())]))
+
+    def episodes_with_video_files(self, column: str) -> list[int]:
+        """Episodes whose mp4 for the video column ``column`` (e.g. ``observation.images.ego_view``) exists."""
+        return [i for i, r in sorted(self._episodes.items()) if column in r.videos and r.videos[column][0].is_file()]
 
     @property
     def episode_indices(self) -> list[int]:
@@ -330,7 +340,7 @@ class LeRobotDataset:
         except (KeyError, TypeError, ValueError):
             raise DatasetError(
                 f"episode_index {episode_index!r} is not in dataset {self.root}; it has {self.num_episodes} "
-                f"episodes with indices {_describe_indices(self.episode_indices)}"
+                f"episodes with indices {describe_indices(self.episode_indices)}"
             ) from None
 
     def episode_length(self, episode_index: int) -> int:
@@ -528,7 +538,8 @@ class LeRobotDataset:
         }
 
 
-def _describe_indices(indices: list[int]) -> str:
+def describe_indices(indices: list[int]) -> str:
+    """``0..4`` for a contiguous run, else the first 20 indices as a list."""
     if not indices:
         return "(none)"
     if indices == list(range(indices[0], indices[-1] + 1)):
