@@ -189,7 +189,7 @@ def test_conversion_errors(tmp_path: Path) -> None:
         )
     with pytest.raises(ConversionError, match=r"eval_proportion must be in \[0, 1\)"):
         convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "e", eval_proportion=1.5, progress=False)
-    with pytest.raises(ConversionError, match="HDF5 file not found"):
+    with pytest.raises(DatasetError, match="HDF5 file not found"):
         convert_hdf5_to_lerobot(tmp_path / "nope.hdf5", tmp_path / "f", progress=False)
     with h5py.File(tmp_path / "empty.hdf5", "w") as f:
         f.create_group("data").create_group("mask")

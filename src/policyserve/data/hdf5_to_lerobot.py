@@ -123,15 +123,17 @@ def _eval_split(num_episodes: int, eval_proportion: float) -> tuple[dict[str, st
     return {"train": f"0:{cut}", "eval": f"{cut}:{num_episodes}"}, list(range(cut, num_episodes))
 
 
-def _open_hdf5(path: Path) -> Any:
+def open_hdf5(path: str | Path) -> Any:
+    """``h5py.File(path, "r")``, with a :class:`DatasetError` naming the file when it is missing or not HDF5."""
     import h5py
 
+    path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"HDF5 file not found: {path}")
+        raise DatasetError(f"HDF5 file not found: {path}")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise ConversionError(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise DatasetError(f"{path} is not a readable HDF5 file ({exc})") from None
 
 
 def convert_hdf5_to_lerobot(
@@ -163,7 +165,7 @@ def convert_hdf5_to_lerobot(
         raise ConversionError(f"format must be one of {FORMATS}, got {format!r}")
     input = Path(input)
     started = time.perf_counter()
-    with _open_hdf5(input) as f:
+    with open_hdf5(input) as f:
         data = f.get("data")
         if not isinstance(data, h5py.Group):
             raise ConversionError(f"{input}: no 'data' group (expected data/demo_N/...); top level: {sorted(f)}")
