@@ -36,10 +36,12 @@ class VideoWriter:
         self._size: tuple[int, int] | None = None
 
     def write(self, frames: np.ndarray) -> None:
-        """Append ``frames`` (uint8, (N, H, W, 3) RGB; every call the same H and W)."""
+        """Append ``frames`` (uint8 RGB, (N, H, W, 3) or one (H, W, 3) frame; every call the same H and W)."""
         import av
 
         frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoError(f"video frames must be uint8 (N, H, W, 3), got dtype={frames.dtype} shape={frames.shape}")
         if frames.shape[0] == 0:
