@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +352,7 @@ class LeRobotDataset:
         """Task texts listed for an episode in the episode metadata."""
         return list(self._record(episode_index).tasks)
 
-    @property
+    @cached_property
     def demo_map(self) -> dict[str, int] | None:
         """``{"demo_N": episode_index}`` from ``meta/hdf5_demo_map.json``; None when the dataset has none."""
         path = self.root / "meta" / DEMO_MAP_FILE
