@@ -40,6 +40,8 @@ CASES = {
     "compare": (lambda f: ["compare", "--hdf5-path", str(f["tmp"] / "missing.hdf5")], "HDF5 demo file not found"),
     "demo": (lambda f: ["demo", "--n-demos", "0", "--output", str(f["tmp"] / "demo")],
              "--n-demos must be at least 1, got 0"),
+    "demo model steps": (lambda f: ["demo", "--model-steps", "-1", "--output", str(f["tmp"] / "demo")],
+                         "--model-steps must be at least 0, got -1"),
 }
 
 

@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, PolicyServeError
     from ..eval.demo import DemoConfig, print_result, run_demo
 
-    for flag in ("n_demos", "model_steps", "eval_episodes", "eval_envs", "max_episode_steps"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    minimum = {"n_demos": 1, "model_steps": 0, "eval_episodes": 1, "eval_envs": 1, "max_episode_steps": 1}
+    for flag, least in minimum.items():
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     config = DemoConfig(task=args.task, output=args.output, n_demos=args.n_demos, camera_size=args.camera_size,
                         model_steps=args.model_steps, eval_episodes=args.eval_episodes, eval_envs=args.eval_envs,
                         max_episode_steps=args.max_episode_steps, seed=args.seed, progress=not args.quiet)
