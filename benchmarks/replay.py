@@ -3,7 +3,8 @@
 - ReplayPolicy.get_action latency on gr1.PickNPlace (in process, batch 1 and 8);
 - time to switch episode (reset to another episode: cold = first visit reads its parquet actions, warm = cached)
   against decoding that episode's video, which upstream's loader does on every episode load; prints the ratio;
-- HDF5 -> LeRobot converter throughput (frames per second) on a generated robomimic file with two cameras.
+- HDF5 -> LeRobot converter throughput (frames per second, v2.1 and v3.0) on a generated robomimic file with
+  two cameras.
 
 Run: ``python benchmarks/replay.py [--dataset-path PATH]``.
 """
@@ -102,11 +103,12 @@ def bench_converter(demos: int, length: int, size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "demos.hdf5"
         _write_hdf5(path, demos, length, size)
-        summary = convert_hdf5_to_lerobot(path, Path(tmp) / "out", progress=False)
-    print(
-        f"converter: {summary.num_episodes} demos x {length} frames, 2 cameras {size}x{size}: "
-        f"{summary.seconds:.2f} s, {summary.frames_per_second:.0f} frames/s"
-    )
+        for fmt in ("v2.1", "v3.0"):
+            summary = convert_hdf5_to_lerobot(path, Path(tmp) / fmt, progress=False, format=fmt)
+            print(
+                f"converter ({fmt}): {summary.num_episodes} demos x {length} frames, 2 cameras {size}x{size}: "
+                f"{summary.seconds:.2f} s, {summary.frames_per_second:.0f} frames/s"
+            )
 
 
 def main() -> None:

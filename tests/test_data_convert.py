@@ -77,31 +77,36 @@ def write_isaaclab_mimic(path: Path, demos: dict[int, int] = DEMOS) -> dict[int,
 
 
 @pytest.mark.parametrize(
-    ("writer", "layout"), [(write_robomimic, "robomimic"), (write_isaaclab_mimic, "isaaclab_mimic")]
+    ("writer", "layout", "fmt"),
+    [(write_robomimic, "robomimic", "v2.1"), (write_isaaclab_mimic, "isaaclab_mimic", "v3.0")],
 )
-def test_round_trip_both_layouts(tmp_path: Path, writer, layout: str) -> None:
+def test_round_trip_both_layouts(tmp_path: Path, writer, layout: str, fmt: str) -> None:
     arrays = writer(tmp_path / "demos.hdf5")
-    summary = convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "out", progress=False)
+    summary = convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "out", progress=False, format=fmt)
     assert summary.layout == layout
-    assert summary.demo_to_episode == {"demo_0": 0, "demo_1": 1, "demo_6": 6}
+    # demos with a gap become episodes 0..N-1 in demo order; the map keeps the demo names
+    assert summary.demo_to_episode == {"demo_0": 0, "demo_1": 1, "demo_6": 2}
     assert summary.num_frames == sum(DEMOS.values())
 
     ds = LeRobotDataset(tmp_path / "out")
-    assert ds.episode_indices == [0, 1, 6]
+    assert ds.version == fmt and ds.episode_indices == [0, 1, 2]
     assert [ds.episode_length(i) for i in ds.episode_indices] == list(DEMOS.values())
     assert ds.tasks == {0: "lift the cube" if layout == "robomimic" else "Isaac-Stack-Cube-Franka-v0"}
     assert ds.state_keys == ["eef_pos", "eef_quat", "gripper_pos"]
     assert ds.action_keys == ["arm", "gripper"] and ds.video_keys == ["ego_view", "wrist_view"]
     demo_map = json.loads((tmp_path / "out/meta/hdf5_demo_map.json").read_text())
-    assert demo_map["demo_to_episode"] == {"demo_0": 0, "demo_1": 1, "demo_6": 6} and demo_map["layout"] == layout
+    assert demo_map["demo_to_episode"] == {"demo_0": 0, "demo_1": 1, "demo_6": 2} and demo_map["layout"] == layout
+    assert ds.demo_map == demo_map["demo_to_episode"] and ds.episode_for_demo(6) == 2
     stats = json.loads((tmp_path / "out/meta/stats.json").read_text())
-    assert set(stats["action"]) == {"mean", "std", "min", "max", "q01", "q99"} and len(stats["action"]["q99"]) == 7
+    assert set(stats["action"]) == {"mean", "std", "min", "max", "q01", "q99", "count"}
+    assert len(stats["action"]["q99"]) == 7 and stats["action"]["count"] == [sum(DEMOS.values())]
     np.testing.assert_allclose(stats["action"]["mean"], np.concatenate([a["actions"] for a in arrays.values()]).mean(0))
 
     for n, a in arrays.items():
-        raw = ds.read_columns(n, ["action"])["action"]
+        e = summary.demo_to_episode[f"demo_{n}"]
+        raw = ds.read_columns(e, ["action"])["action"]
         assert raw.dtype == np.float64 and np.array_equal(raw, a["actions"])  # bit-identical
-        episode = ds.load_episode(n, video_keys=None, dtype=None)
+        episode = ds.load_episode(e, video_keys=None, dtype=None)
         np.testing.assert_array_equal(episode.states["eef_quat"], a["eef_quat"])
         assert episode.videos["ego_view"].shape == (DEMOS[n], H, W, 3)
         assert episode.videos["wrist_view"].shape == (DEMOS[n], H, W, 3)
@@ -112,7 +117,7 @@ def test_round_trip_both_layouts(tmp_path: Path, writer, layout: str) -> None:
     # the default column map matches the registry's franka_panda config, so the converted set replays under it
     policy = make_replay_policy(tmp_path / "out", 1, embodiment_tag="franka_panda")
     assert policy.get_modality_config() == get_modality_configs("franka_panda")
-    policy.reset({"episode_index": 6})
+    policy.reset({"demo_index": 6})  # demo_6, episode 2
     served = [policy.get_action(None)[0] for _ in range(DEMOS[6])]
     arm = np.stack([s["arm"][0, 0] for s in served])
     np.testing.assert_array_equal(arm, arrays[6]["actions"][:, :6].astype(np.float32))
@@ -127,8 +132,8 @@ def test_eval_split_and_cli_flags(tmp_path: Path) -> None:
     ])
     assert rc == 0
     ds = LeRobotDataset(tmp_path / "out")
-    assert ds.fps == 10 and ds.tasks == {0: "stack"}
-    assert ds.split("train") == [0, 2, 3] and ds.split("eval") == [7]
+    assert ds.fps == 10 and ds.tasks == {0: "stack"} and ds.episode_for_demo(7) == 3
+    assert ds.split("train") == [0, 1, 2] and ds.split("eval") == [3]
     assert ds.video_keys == ["hand"] and ds.state_keys == ["joint_pos", "eef_pos"] and ds.action_keys == ["all"]
     assert ds.modality.state["eef_pos"].start == 9 and ds.modality.state["eef_pos"].end == 12
 
@@ -139,8 +144,8 @@ def test_column_map_file(tmp_path: Path) -> None:
     cmap = ColumnMap.load(tmp_path / "map.json")
     convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "out", cmap, progress=False)
     ds = LeRobotDataset(tmp_path / "out")
-    assert ds.episode_indices == [4] and ds.video_keys == [] and ds.action_keys == ["a"]
-    assert ds.load_actions(4)["a"].shape == (6, 3)
+    assert ds.episode_indices == [0] and ds.video_keys == [] and ds.action_keys == ["a"]
+    assert ds.episode_for_demo(4) == 0 and ds.load_actions(0)["a"].shape == (6, 3)
     (tmp_path / "map.toml").write_text('state = ["eef_pos"]\n[actions]\narm = [0, 6]\n')
     assert ColumnMap.load(tmp_path / "map.toml").state == ["eef_pos"]
 
@@ -184,7 +189,7 @@ def test_conversion_errors(tmp_path: Path) -> None:
         )
     with pytest.raises(ConversionError, match=r"eval_proportion must be in \[0, 1\)"):
         convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "e", eval_proportion=1.5, progress=False)
-    with pytest.raises(ConversionError, match="HDF5 file not found"):
+    with pytest.raises(DatasetError, match="HDF5 file not found"):
         convert_hdf5_to_lerobot(tmp_path / "nope.hdf5", tmp_path / "f", progress=False)
     with h5py.File(tmp_path / "empty.hdf5", "w") as f:
         f.create_group("data").create_group("mask")

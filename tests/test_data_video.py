@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from policyserve.data.stats import STAT_NAMES, column_stats
-from policyserve.data.video import VideoError, decode_video, encode_video
+from policyserve.data.video import VideoError, VideoWriter, decode_video, encode_video
 
 
 def test_encode_decode_round_trip(tmp_path: Path) -> None:
@@ -52,3 +52,18 @@ def test_column_stats() -> None:
     assert column_stats(np.ones(4))["std"] == [0.0]
     with pytest.raises(ValueError, match="empty column"):
         column_stats(np.zeros((0, 3)))
+
+
+def test_video_writer_appends_batches_and_single_frames(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(0, 255, (5, 16, 24, 3), np.uint8), rng.integers(0, 255, (16, 24, 3), np.uint8)
+    with VideoWriter(tmp_path / "v.mp4", 10) as writer:
+        writer.write(first)
+        writer.write(second)
+        assert writer.num_frames == 6
+        with pytest.raises(VideoError, match="frames of 8x24 after frames of 16x24"):
+            writer.write(first[:, :8])
+    assert writer.num_bytes > 0
+    decoded = decode_video(tmp_path / "v.mp4")
+    assert decoded.shape == (6, 16, 24, 3)
+    assert decode_video(tmp_path / "v.mp4", start_time=0.5).shape == (1, 16, 24, 3)  # frame 5 at t = 0.5 s

@@ -74,7 +74,7 @@ def test_checkpoint_layout_and_loss_plot(trained: Path) -> None:
     assert checkpoint_kind(trained) == "policyserve"
 
 
-def test_resume_continues_from_last_checkpoint(trained: Path, tmp_path: Path) -> None:
+def test_resume_continues_from_last_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     shutil.copytree(trained / "checkpoint-15", out / "checkpoint-15")
     eps = franka_episodes()
@@ -82,6 +82,7 @@ def test_resume_continues_from_last_checkpoint(trained: Path, tmp_path: Path) ->
     result = train_policy(eps[:5], SPEC.modality_configs, out, config, eval_episodes=eps[5:], architecture=TINY,
                           embodiment_tag="franka_panda")
     assert result.resumed_from == out / "checkpoint-15"
+    assert f"Resuming from checkpoint-15 (step 15) in {out}" in capsys.readouterr().err
     assert [s for s, _ in result.train_losses] == list(range(1, 31))
     # the same seed and restored RNG/optimizer states reproduce the uninterrupted run
     reference = json.loads((trained / "trainer_state.json").read_text())["train_losses"]

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from ..data.lerobot_writer import FORMATS, V21
+
 
 def register(subparsers: Any) -> None:
     """Add the ``convert`` command and its ``hdf5-to-lerobot`` sub-command."""
@@ -13,9 +15,10 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="convert_command", metavar="SUBCOMMAND")
     p = sub.add_parser(
         "hdf5-to-lerobot",
-        help="convert robomimic / IsaacLab-Mimic HDF5 demos (data/demo_N) to a LeRobot v2.1 dataset",
-        description="demo_N becomes episode N; the mapping is written to meta/hdf5_demo_map.json. "
-        "Without a column map the defaults fit policyserve's Franka recorder (franka_panda config).",
+        help="convert robomimic / IsaacLab-Mimic HDF5 demos (data/demo_N) to a LeRobot v2.1 or v3.0 dataset",
+        description="Demos become episodes 0..N-1 in demo order; which demo is which episode is written to "
+        "meta/hdf5_demo_map.json. Without a column map the defaults fit policyserve's Franka recorder "
+        "(franka_panda config).",
     )
     p.add_argument("--input", required=True, help="HDF5 file")
     p.add_argument("--output", required=True, help="output dataset directory (must be empty or absent)")
@@ -27,6 +30,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fps", type=float, default=20.0, help="frames per second (default 20)")
     p.add_argument("--eval-proportion", type=float, default=0.0, help="share of episodes in the eval split")
     p.add_argument("--layout", choices=("auto", "robomimic", "isaaclab_mimic"), default="auto")
+    p.add_argument(
+        "--format", choices=FORMATS, default=V21,
+        help="LeRobot layout: v2.1 (default; GR00T's loader needs it) or v3.0 (LeRobot >= 0.4 reads only v3.0)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -53,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
             layout=args.layout,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            format=args.format,
         )
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
         f"Converted {summary.num_episodes} demos ({summary.layout} layout, {summary.num_frames} frames) to "
-        f"{summary.output} in {summary.seconds:.2f} s ({summary.frames_per_second:.1f} frames/s); "
+        f"LeRobot {args.format} dataset {summary.output} in {summary.seconds:.2f} s ({summary.frames_per_second:.1f} frames/s); "
         f"eval episodes: {summary.eval_episodes or 'none'}; demo map: {summary.output / 'meta' / DEMO_MAP_FILE}"
     )
     return 0

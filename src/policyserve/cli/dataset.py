@@ -27,7 +27,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def describe(dataset: Any) -> dict[str, Any]:
     """A JSON-ready summary of a :class:`~policyserve.data.lerobot.LeRobotDataset`."""
     m = dataset.modality
-    first = dataset.episode_indices[0] if dataset.episode_indices else None
+    with_files = {c: len(dataset.episodes_with_video_files(c)) for c in dataset.video_columns}
+    splits = dataset.info.get("splits") or {}
     return {
         "path": str(dataset.root),
         "version": dataset.version,
@@ -39,21 +40,27 @@ def describe(dataset: Any) -> dict[str, Any]:
             for i in dataset.episode_indices
         ],
         "features": {
-            name: {"dtype": f.get("dtype"), "shape": f.get("shape")} for name, f in dataset.features.items()
+            name: {
+                "dtype": f.get("dtype"),
+                "shape": f.get("shape"),
+                **({"episodes_with_files": with_files[name]} if name in with_files else {}),
+            }
+            for name, f in dataset.features.items()
         },
         "tasks": {str(i): t for i, t in sorted(dataset.tasks.items())},
-        "splits": dataset.info.get("splits") or {},
+        "splits": splits,
+        "split_episodes": {name: dataset.split(name) for name in splits},
         "modality_source": "derived from info.json features" if m.derived else "meta/modality.json",
         "modality": {
             "video": {
-                k: {"column": s.column, "has_files": first is not None and dataset.has_video(k, first)}
-                for k, s in m.video.items()
+                k: {"column": s.column, "has_files": with_files.get(s.column, 0) > 0} for k, s in m.video.items()
             },
             "state": {k: {"column": s.column, "start": s.start, "end": s.end} for k, s in m.state.items()},
             "action": {k: {"column": s.column, "start": s.start, "end": s.end} for k, s in m.action.items()},
             "language": {k: {"column": s.column} for k, s in m.language.items()},
         },
         "has_stats": dataset.stats is not None,
+        "hdf5_demo_map": dataset.demo_map,
     }
 
 
@@ -63,6 +70,19 @@ def _span(entry: dict[str, Any]) -> str:
     start = "" if entry["start"] is None else entry["start"]
     end = "" if entry["end"] is None else entry["end"]
     return f"{entry['column']}[{start}:{end}]"
+
+
+def _files_note(feature: dict[str, Any], num_episodes: int) -> str:
+    have = feature.get("episodes_with_files")
+    if have is None or have == num_episodes:
+        return ""
+    return "  (no video files)" if have == 0 else f"  (video files for {have} of {num_episodes} episodes)"
+
+
+def _episode_list(indices: list[int]) -> str:
+    from ..data.lerobot import describe_indices
+
+    return f"{len(indices)} episode{'s' if len(indices) != 1 else ''} ({describe_indices(indices)})"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -75,11 +95,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     lines += [f"  {e['episode_index']}: {e['length']}  {'; '.join(e['tasks'])}" for e in summary["episodes"]]
     lines.append("Features:")
-    lines += [f"  {name}: {f['dtype']} {f['shape']}" for name, f in summary["features"].items()]
+    lines += [f"  {name}: {f['dtype']} {f['shape']}{_files_note(f, summary['num_episodes'])}"
+              for name, f in summary["features"].items()]
     lines.append("Tasks (task_index: text):")
     lines += [f"  {i}: {t}" for i, t in summary["tasks"].items()]
     if summary["splits"]:
-        lines.append("Splits: " + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
+        lines.append("Splits (info.json range -> episodes present):")
+        lines += [f"  {k}={v} -> {_episode_list(summary['split_episodes'][k])}" for k, v in summary["splits"].items()]
     lines.append(f"Modality keys ({summary['modality_source']}):")
     mod = summary["modality"]
     for key, e in mod["video"].items():
@@ -87,6 +109,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     for group in ("state", "action"):
         lines += [f"  {group}.{key} <- {_span(e)}" for key, e in mod[group].items()]
     lines += [f"  language {key} <- {e['column']}" for key, e in mod["language"].items()]
+    if summary["hdf5_demo_map"]:
+        pairs = list(summary["hdf5_demo_map"].items())
+        shown = ", ".join(f"{d} -> {e}" for d, e in pairs[:20]) + (", ..." if len(pairs) > 20 else "")
+        lines.append(f"HDF5 demos (meta/hdf5_demo_map.json, demo -> episode_index): {shown}")
     return "\n".join(lines)
 
 

@@ -33,9 +33,13 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import PolicyServeError
+    from ..errors import ConfigError, PolicyServeError
     from ..eval.demo import DemoConfig, print_result, run_demo
 
+    minimum = {"n_demos": 1, "model_steps": 0, "eval_episodes": 1, "eval_envs": 1, "max_episode_steps": 1}
+    for flag, least in minimum.items():
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     config = DemoConfig(task=args.task, output=args.output, n_demos=args.n_demos, camera_size=args.camera_size,
                         model_steps=args.model_steps, eval_episodes=args.eval_episodes, eval_envs=args.eval_envs,
                         max_episode_steps=args.max_episode_steps, seed=args.seed, progress=not args.quiet)

@@ -2,7 +2,8 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=<callable(args) -> int>``. Heavy imports (torch, MuJoCo, pyarrow) stay inside the callables
-so that ``policyserve --help`` and the client-only install stay light.
+so that ``policyserve --help`` and the client-only install stay light. Bad input that reaches a command as a
+policyserve error, ``OSError`` or ``ValueError`` is answered here with one ``error: ...`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from ..errors import PolicyServeError
 
 COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo")
 
@@ -37,7 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PolicyServeError, OSError, ValueError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception as one line; errors not raised by policyserve are prefixed with their type."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    return text if isinstance(exc, PolicyServeError) else f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .common import parse_size
 
@@ -37,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..sim.recorder import record_demos
+
+    if args.n_demos < 1:
+        raise ConfigError(f"--n-demos must be at least 1, got {args.n_demos}")
+    if Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a directory; give the path of the .hdf5 file to write")
 
     summary = record_demos(
         args.task, args.n_demos, args.output, camera_names=args.cameras, camera_size=args.camera_size,

@@ -1,13 +1,14 @@
 """Datasets: LeRobot reader and writer, video I/O, statistics, HDF5 -> LeRobot conversion."""
 
 from .column_map import ColumnMap
-from .hdf5_to_lerobot import ConversionError, ConversionSummary, convert_hdf5_to_lerobot
+from .hdf5_to_lerobot import ConversionError, ConversionSummary, convert_hdf5_to_lerobot, open_hdf5
 from .lerobot import DatasetError, DatasetModality, Episode, LanguageSpec, LeRobotDataset, SliceSpec, VideoSpec
-from .lerobot_writer import LeRobotWriter
-from .stats import column_stats, compute_stats
-from .video import VideoError, decode_video, encode_video
+from .lerobot_writer import FORMATS, LeRobotWriter
+from .stats import channel_histogram, column_stats, compute_stats, histogram_stats
+from .video import VideoError, VideoWriter, decode_video, encode_video
 
 __all__ = [
+    "FORMATS",
     "ColumnMap",
     "ConversionError",
     "ConversionSummary",
@@ -20,9 +21,13 @@ __all__ = [
     "SliceSpec",
     "VideoError",
     "VideoSpec",
+    "VideoWriter",
+    "channel_histogram",
     "column_stats",
     "compute_stats",
     "convert_hdf5_to_lerobot",
     "decode_video",
     "encode_video",
+    "histogram_stats",
+    "open_hdf5",
 ]

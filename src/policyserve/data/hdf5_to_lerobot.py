@@ -1,9 +1,9 @@
-"""Convert robomimic / IsaacLab-Mimic HDF5 demonstrations into a GR00T LeRobot v2.1 dataset.
+"""Convert robomimic / IsaacLab-Mimic HDF5 demonstrations into a LeRobot dataset (GR00T's v2.1 or LeRobot's v3.0).
 
 Both layouts keep demos under ``data/demo_N`` with ``actions`` and ``obs/<key>``; robomimic stores ``states`` as
 one (T, S) array, IsaacLab-Mimic as groups (``states/articulation/robot/...``, ``states/rigid_object/<name>/...``)
-plus ``initial_state/...``. ``demo_N`` becomes episode index N (sorted numerically; gaps are kept) and
-``meta/hdf5_demo_map.json`` records the mapping. Which datasets become cameras, state and action keys is set by a
+plus ``initial_state/...``. Demos become episodes 0..N-1 in numeric demo order (``demo_0, demo_5`` -> episodes
+0, 1: LeRobot needs contiguous indices) and ``meta/hdf5_demo_map.json`` records which demo is which episode. Which datasets become cameras, state and action keys is set by a
 :class:`~policyserve.data.column_map.ColumnMap`.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from .column_map import ColumnMap, hdf5_path, state_key_name
-from .lerobot import VIDEO_PREFIX, DatasetError
+from .lerobot import DEMO_MAP_FILE, VIDEO_PREFIX, DatasetError
+from .lerobot_writer import FORMATS, V21
 
 LAYOUTS = ("robomimic", "isaaclab_mimic")
-DEMO_MAP_FILE = "hdf5_demo_map.json"
 _DEMO_RE = re.compile(r"^demo_(\d+)$")
 
 
@@ -111,17 +111,29 @@ def _read(demo: Any, path: str, demo_name: str, length: int | None) -> np.ndarra
     return values
 
 
-def _eval_split(indices: list[int], eval_proportion: float) -> tuple[dict[str, str], list[int]]:
+def _eval_split(num_episodes: int, eval_proportion: float) -> tuple[dict[str, str], list[int]]:
     if not 0.0 <= eval_proportion < 1.0:
         raise ConversionError(f"eval_proportion must be in [0, 1), got {eval_proportion}")
-    n_eval = int(round(eval_proportion * len(indices)))
-    if eval_proportion > 0 and len(indices) > 1:
-        n_eval = min(max(n_eval, 1), len(indices) - 1)
-    end = indices[-1] + 1
+    n_eval = int(round(eval_proportion * num_episodes))
+    if eval_proportion > 0 and num_episodes > 1:
+        n_eval = min(max(n_eval, 1), num_episodes - 1)
     if n_eval == 0:
-        return {"train": f"0:{end}"}, []
-    cut = indices[len(indices) - n_eval]
-    return {"train": f"0:{cut}", "eval": f"{cut}:{end}"}, indices[len(indices) - n_eval :]
+        return {"train": f"0:{num_episodes}"}, []
+    cut = num_episodes - n_eval
+    return {"train": f"0:{cut}", "eval": f"{cut}:{num_episodes}"}, list(range(cut, num_episodes))
+
+
+def open_hdf5(path: str | Path) -> Any:
+    """``h5py.File(path, "r")``, with a :class:`DatasetError` naming the file when it is missing or not HDF5."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"HDF5 file not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DatasetError(f"{path} is not a readable HDF5 file ({exc})") from None
 
 
 def convert_hdf5_to_lerobot(
@@ -135,8 +147,12 @@ def convert_hdf5_to_lerobot(
     layout: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    format: str = V21,
 ) -> ConversionSummary:
-    """Convert every ``data/demo_N`` of an HDF5 file into episode N of a LeRobot dataset at ``output``."""
+    """Convert the ``data/demo_N`` groups of an HDF5 file into episodes 0..N-1 of a LeRobot dataset at ``output``.
+
+    ``format`` is ``"v2.1"`` (GR00T's layout, the default) or ``"v3.0"`` (LeRobot >= 0.4).
+    """
     import h5py
     from tqdm import tqdm
 
@@ -145,11 +161,11 @@ def convert_hdf5_to_lerobot(
     column_map = column_map or ColumnMap()
     if layout not in ("auto", *LAYOUTS):
         raise ConversionError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    if format not in FORMATS:
+        raise ConversionError(f"format must be one of {FORMATS}, got {format!r}")
     input = Path(input)
-    if not input.is_file():
-        raise ConversionError(f"HDF5 file not found: {input}")
     started = time.perf_counter()
-    with h5py.File(input, "r") as f:
+    with open_hdf5(input) as f:
         data = f.get("data")
         if not isinstance(data, h5py.Group):
             raise ConversionError(f"{input}: no 'data' group (expected data/demo_N/...); top level: {sorted(f)}")
@@ -161,11 +177,11 @@ def convert_hdf5_to_lerobot(
             raise ConversionError(f"{input}: layout {layout!r} requested but the file looks like {found!r}")
         env_args = _env_args(data)
         task_text = _resolve_task(task, data, env_args)
-        splits, eval_episodes = _eval_split([n for n, _ in demos], eval_proportion)
+        splits, eval_episodes = _eval_split(len(demos), eval_proportion)
         writer: LeRobotWriter | None = None
         state_dims: list[int] | None = None
         frames = 0
-        for index, name in tqdm(demos, desc="Converting demos", unit="demo", disable=not progress):
+        for index, (_, name) in enumerate(tqdm(demos, desc="Converting demos", unit="demo", disable=not progress)):
             demo = data[name]
             actions = _read(demo, column_map.action_source, name, None)
             if actions.ndim != 2 or actions.shape[1] < column_map.action_dim:
@@ -196,6 +212,7 @@ def convert_hdf5_to_lerobot(
                     modality=_modality_json(column_map, state_dims),
                     robot_type=str(env_args.get("env_name", "unknown")),
                     overwrite=overwrite,
+                    version=format,
                 )
             task_id = writer.task_index(task_text)
             columns = {"action": actions, column_map.language_key: np.full(length, task_id, dtype=np.int64)}
@@ -204,7 +221,7 @@ def convert_hdf5_to_lerobot(
             writer.add_episode(index, columns, tasks=[task_text], videos=videos)
             frames += length
         assert writer is not None
-        demo_map = {name: index for index, name in demos}
+        demo_map = {name: index for index, (_, name) in enumerate(demos)}
         writer.finish(splits=splits)
         (writer.root / "meta" / DEMO_MAP_FILE).write_text(
             json.dumps({"source": str(input), "layout": found, "demo_to_episode": demo_map, "env_args": env_args},

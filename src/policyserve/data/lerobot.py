@@ -8,7 +8,8 @@ key per feature (``observation.state`` -> state key ``state``, ``action`` -> act
 language key ``task``).
 
 Episodes are looked up by ``episode_index`` (which may be non-contiguous), never by line position. Reading
-states or actions never decodes video.
+states or actions never decodes video. Datasets converted from HDF5 carry ``meta/hdf5_demo_map.json``
+(``demo_N`` -> episode index), read by :meth:`LeRobotDataset.episode_for_demo`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d
 DEFAULT_COLUMN = {"state": "observation.state", "action": "action"}
 VIDEO_PREFIX = "observation.images."
 PREFERRED_LANGUAGE_KEY = "annotation.human.action.task_description"
+DEMO_MAP_FILE = "hdf5_demo_map.json"
 
 
 class DatasetError(PolicyServeError, ValueError):
@@ -224,12 +227,12 @@ class LeRobotDataset:
             idx = int(row["episode_index"])
             chunk = idx // chunks_size
             videos = {
-                spec.column: (
-                    self.root / video_path.format(episode_chunk=chunk, video_key=spec.column, episode_index=idx),
+                column: (
+                    self.root / video_path.format(episode_chunk=chunk, video_key=column, episode_index=idx),
                     None,
                     None,
                 )
-                for spec in self.modality.video.values()
+                for column in self.video_columns
             } if video_path else {}
             episodes[idx] = _EpisodeRecord(
                 idx,
@@ -258,7 +261,11 @@ class LeRobotDataset:
         files = sorted((meta / "episodes").rglob("*.parquet"))
         if not files:
             raise DatasetError(f"LeRobot {self.version} dataset {self.root} has no meta/episodes/**/*.parquet")
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        tables = []
+        for f in files:
+            names = [n for n in pq.read_schema(f).names if not n.startswith("stats/")]
+            tables.append(pq.read_table(f, columns=names))
+        table = pa.concat_tables(tables, promote_options="default")
         rows = table.to_pylist()
         data_path = self.info.get("data_path", V3_DATA_PATH)
         video_path = self.info.get("video_path", V3_VIDEO_PATH)
@@ -269,16 +276,16 @@ class LeRobotDataset:
                 raise DatasetError(f"{meta / 'episodes'}: episode rows lack columns {missing}")
             idx = int(row["episode_index"])
             videos = {}
-            for spec in self.modality.video.values():
-                prefix = f"videos/{spec.column}/"
+            for column in self.video_columns:
+                prefix = f"videos/{column}/"
                 if row.get(prefix + "chunk_index") is None:
                     continue
                 file = self.root / video_path.format(
-                    video_key=spec.column,
+                    video_key=column,
                     chunk_index=row[prefix + "chunk_index"],
                     file_index=row[prefix + "file_index"],
                 )
-                videos[spec.column] = (file, row.get(prefix + "from_timestamp"), row.get(prefix + "to_timestamp"))
+                videos[column] = (file, row.get(prefix + "from_timestamp"), row.get(prefix + "to_timestamp"))
             episodes[idx] = _EpisodeRecord(
                 idx,
                 int(row["length"]),
@@ -288,6 +295,16 @@ class LeRobotDataset:
                 videos,
             )
         return tasks, episodes
+
+    @property
+    def video_columns(self) -> list[str]:
+        """Video columns: every ``video`` feature of info.json plus the columns modality.json names."""
+        columns = [name for name, f in self.features.items() if (f or {}).get("dtype") == "video"]
+        return list(dict.fromkeys([*columns, *(s.column for s in self.modality.video.values())]))
+
+    def episodes_with_video_files(self, column: str) -> list[int]:
+        """Episodes whose mp4 for the video column ``column`` (e.g. ``observation.images.ego_view``) exists."""
+        return [i for i, r in sorted(self._episodes.items()) if column in r.videos and r.videos[column][0].is_file()]
 
     @property
     def episode_indices(self) -> list[int]:
@@ -324,7 +341,7 @@ class LeRobotDataset:
         except (KeyError, TypeError, ValueError):
             raise DatasetError(
                 f"episode_index {episode_index!r} is not in dataset {self.root}; it has {self.num_episodes} "
-                f"episodes with indices {_describe_indices(self.episode_indices)}"
+                f"episodes with indices {describe_indices(self.episode_indices)}"
             ) from None
 
     def episode_length(self, episode_index: int) -> int:
@@ -334,6 +351,37 @@ class LeRobotDataset:
     def episode_tasks(self, episode_index: int) -> list[str]:
         """Task texts listed for an episode in the episode metadata."""
         return list(self._record(episode_index).tasks)
+
+    @cached_property
+    def demo_map(self) -> dict[str, int] | None:
+        """``{"demo_N": episode_index}`` from ``meta/hdf5_demo_map.json``; None when the dataset has none."""
+        path = self.root / "meta" / DEMO_MAP_FILE
+        if not path.is_file():
+            return None
+        mapping = _read_json(path)
+        demos = mapping.get("demo_to_episode") if isinstance(mapping, dict) else None
+        if not isinstance(demos, dict) or not all(isinstance(v, int) for v in demos.values()):
+            raise DatasetError(f"{path}: expected a 'demo_to_episode' object of demo name -> episode index")
+        return demos
+
+    def episode_for_demo(self, demo_index: int) -> int:
+        """Episode index holding HDF5 demo ``demo_<demo_index>`` (through ``meta/hdf5_demo_map.json``).
+
+        Without a demo map, demo N is episode N. Unknown demos raise :class:`DatasetError` naming the known ones.
+        """
+        if isinstance(demo_index, bool) or not isinstance(demo_index, (int, np.integer)):
+            raise DatasetError(f"demo index must be an integer, got {type(demo_index).__name__} {demo_index!r}")
+        demos = self.demo_map
+        if demos is None:
+            return self._record(int(demo_index)).episode_index
+        name = f"demo_{int(demo_index)}"
+        if name not in demos:
+            known = sorted(demos, key=lambda d: (len(d), d))
+            raise DatasetError(
+                f"{name} is not in dataset {self.root} (meta/{DEMO_MAP_FILE} lists {len(known)} demos: "
+                f"{', '.join(known[:20])}{', ...' if len(known) > 20 else ''})"
+            )
+        return self._record(demos[name]).episode_index
 
     def has_video(self, video_key: str, episode_index: int) -> bool:
         """Whether the mp4 for a video key of an episode exists on disk."""
@@ -491,7 +539,8 @@ class LeRobotDataset:
         }
 
 
-def _describe_indices(indices: list[int]) -> str:
+def describe_indices(indices: list[int]) -> str:
+    """``0..4`` for a contiguous run, else the first 20 indices as a list."""
     if not indices:
         return "(none)"
     if indices == list(range(indices[0], indices[-1] + 1)):

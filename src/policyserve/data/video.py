@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,34 +14,82 @@ class VideoError(PolicyServeError, ValueError):
     """A video cannot be encoded or decoded (missing file, bad frame array, unsupported size)."""
 
 
+class VideoWriter:
+    """An MP4 file being written frame batch by frame batch (one h264 stream at an integer fps); a context manager.
+
+    LeRobot v3.0 stores many episodes back to back in one file: each :meth:`write` appends frames, and
+    :attr:`num_frames` / ``fps`` give the next episode's start time in the file; :attr:`num_bytes` counts the
+    encoded bytes so far.
+    """
+
+    def __init__(
+        self, path: str | Path, fps: float, *, codec: str = "h264", pix_fmt: str = "yuv420p", crf: int = 23
+    ) -> None:
+        rate = int(round(fps))
+        if rate <= 0 or abs(rate - fps) > 1e-6:
+            raise VideoError(f"video fps must be a positive integer, got {fps}")
+        self.path, self.fps, self.codec, self.pix_fmt, self.crf = Path(path), rate, codec, pix_fmt, crf
+        self.num_frames = 0
+        self.num_bytes = 0
+        self._container: Any = None
+        self._stream: Any = None
+        self._size: tuple[int, int] | None = None
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append ``frames`` (uint8 RGB, (N, H, W, 3) or one (H, W, 3) frame; every call the same H and W)."""
+        import av
+
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoError(f"video frames must be uint8 (N, H, W, 3), got dtype={frames.dtype} shape={frames.shape}")
+        if frames.shape[0] == 0:
+            raise VideoError(f"cannot encode an empty video to {self.path}")
+        height, width = frames.shape[1:3]
+        if self._size is None:
+            if self.pix_fmt == "yuv420p" and (height % 2 or width % 2):
+                raise VideoError(f"yuv420p needs even image sizes, got {height}x{width} for {self.path}")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self.path), mode="w")
+            self._stream = self._container.add_stream(self.codec, rate=self.fps)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, self.pix_fmt
+            self._stream.options = {"crf": str(self.crf)}
+            self._size = (height, width)
+        elif (height, width) != self._size:
+            raise VideoError(f"{self.path}: frames of {height}x{width} after frames of {self._size[0]}x{self._size[1]}")
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = self.num_frames
+            self._mux(self._stream.encode(video_frame))
+            self.num_frames += 1
+
+    def _mux(self, packets: Any) -> None:
+        for packet in packets:
+            self.num_bytes += packet.size
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder and close the file (nothing is written when no frame was)."""
+        if self._container is None:
+            return
+        self._mux(self._stream.encode(None))
+        self._container.close()
+        self._container = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def encode_video(
     frames: np.ndarray, path: str | Path, fps: float, *, codec: str = "h264", pix_fmt: str = "yuv420p", crf: int = 23
 ) -> None:
     """Write ``frames`` (uint8, (N, H, W, 3) RGB) to an MP4 file at ``path``."""
-    import av
-
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise VideoError(f"video frames must be uint8 (N, H, W, 3), got dtype={frames.dtype} shape={frames.shape}")
-    if frames.shape[0] == 0:
-        raise VideoError(f"cannot encode an empty video to {path}")
-    height, width = frames.shape[1:3]
-    if pix_fmt == "yuv420p" and (height % 2 or width % 2):
-        raise VideoError(f"yuv420p needs even image sizes, got {height}x{width} for {path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rate = int(round(fps))
-    if rate <= 0 or abs(rate - fps) > 1e-6:
-        raise VideoError(f"video fps must be a positive integer, got {fps}")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    with VideoWriter(path, fps, codec=codec, pix_fmt=pix_fmt, crf=crf) as writer:
+        writer.write(frames)
 
 
 def decode_video(

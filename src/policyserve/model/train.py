@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,7 +185,8 @@ class Trainer:
         self.step = int(trainer_state["step"])
         self.train_losses = [tuple(x) for x in trainer_state["train_losses"]]
         self.eval_losses = [tuple(x) for x in trainer_state["eval_losses"]]
-        log.info("resumed from %s at step %d", path, self.step)
+        # on stderr, so that the CLI's JSON summary on stdout stays parseable
+        print(f"Resuming from {path.name} (step {self.step}) in {path.parent}", file=sys.stderr, flush=True)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "train_losses": self.train_losses, "eval_losses": self.eval_losses}

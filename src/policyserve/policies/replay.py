@@ -2,8 +2,9 @@
 
 Each ``get_action`` returns the chunk ``actions[cursor : cursor + H]`` of the current episode (H =
 ``delta_indices[-1] - delta_indices[0] + 1``), padded with the last recorded action past the end and tiled to the
-batch size, then advances the cursor by ``execution_horizon``. ``reset`` selects the episode and start step;
-a list of episode indices replays a different episode in each of B environments.
+batch size, then advances the cursor by ``execution_horizon``. ``reset`` selects the episode (or the HDF5 demo,
+through the dataset's demo map) and start step; a list of indices replays a different episode in each of B
+environments.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ class ReplayPolicy(BasePolicy):
     def reset(self, options: dict | None = None) -> Info:
         """Go to ``options["episode_index"]`` (an int, or a list: one episode per env) at ``options["step_index"]``.
 
+        ``options["demo_index"]`` (an int or a list) instead names HDF5 demos ``demo_N``, found through the
+        dataset's ``meta/hdf5_demo_map.json`` (:meth:`LeRobotDataset.episode_for_demo`).
         Without options the current episode(s) restart at step 0. Bad indices raise :class:`ReplayError` (or
         :class:`DatasetError` for unknown episodes) and leave the replay position unchanged.
         """
@@ -185,13 +188,19 @@ class ReplayPolicy(BasePolicy):
             raise ReplayError(f"reset options must be a dict, got {type(options).__name__}")
         per_env = self._per_env
         episodes = list(self._episodes)
-        if options.get("episode_index") is not None:
-            value = options["episode_index"]
+        if options.get("episode_index") is not None and options.get("demo_index") is not None:
+            raise ReplayError("give either options['episode_index'] or options['demo_index'], not both")
+        for name in ("episode_index", "demo_index"):
+            if options.get(name) is None:
+                continue
+            value = options[name]
             per_env = isinstance(value, (list, tuple, np.ndarray))
             values = list(value) if per_env else [value]
             if not values:
-                raise ReplayError("options['episode_index'] is an empty list; give one episode index per env")
-            episodes = [_as_index(v, "options['episode_index']") for v in values]
+                raise ReplayError(f"options[{name!r}] is an empty list; give one index per env")
+            episodes = [_as_index(v, f"options[{name!r}]") for v in values]
+            if name == "demo_index":
+                episodes = [self.dataset.episode_for_demo(d) for d in episodes]
         lengths = [self._length(e) for e in episodes]  # DatasetError names the valid indices
         step_value = options.get("step_index", 0)
         if isinstance(step_value, (list, tuple, np.ndarray)):
