@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import PolicyServeError
-    from ..eval.demo import DemoConfig, print_result, run_demo
+    from .demo_workflow import DemoConfig, print_result, run_demo
 
     config = DemoConfig(task=args.task, output=args.output, n_demos=args.n_demos, camera_size=args.camera_size,
                         model_steps=args.model_steps, eval_episodes=args.eval_episodes, eval_envs=args.eval_envs,

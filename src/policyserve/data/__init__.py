@@ -5,7 +5,7 @@ from .hdf5_to_lerobot import ConversionError, ConversionSummary, convert_hdf5_to
 from .lerobot import DatasetError, DatasetModality, Episode, LanguageSpec, LeRobotDataset, SliceSpec, VideoSpec
 from .lerobot_writer import LeRobotWriter
 from .stats import column_stats, compute_stats
-from .video import VideoError, decode_video, encode_video
+from .video import VideoError, VideoWriter, decode_video, encode_video
 
 __all__ = [
     "ColumnMap",
@@ -20,6 +20,7 @@ __all__ = [
     "SliceSpec",
     "VideoError",
     "VideoSpec",
+    "VideoWriter",
     "column_stats",
     "compute_stats",
     "convert_hdf5_to_lerobot",
