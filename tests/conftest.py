@@ -20,3 +20,19 @@ def gr1_dataset_path() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset not found at {path}")
     return path
+
+
+@pytest.fixture
+def serve():
+    """``serve(policy) -> Served``: policies served on loopback for the test, all stopped afterwards."""
+    from helpers import Served
+
+    served = []
+
+    def _serve(policy):
+        served.append(Served(policy))
+        return served[-1]
+
+    yield _serve
+    for s in served:
+        s.close()

@@ -6,16 +6,16 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from policyserve.errors import ConfigError
 from policyserve.client.adapter import KeyMap
 from policyserve.client.chunking import ActionChunker, ChunkingConfig, ChunkSyncError
 from policyserve.client.driver import DriverConfig
+from policyserve.errors import ConfigError
 from policyserve.eval.envs import EnvConfig
 from policyserve.eval.rollout import RolloutConfig, run_rollout, wilson_interval
-from policyserve.policies.base import BasePolicy
 from policyserve.protocol.client import PolicyClient
 from policyserve.protocol.server import PolicyServer
-from policyserve.types import ModalityConfig
+
+from helpers import StepIndexPolicy
 
 HORIZON = 5
 
@@ -45,32 +45,6 @@ class CounterEnv(gym.Env):
         return self._obs(), 1.0, done, False, {"success": done and self.seed_ % 2 == 0}
 
 
-class StepIndexPolicy(BasePolicy):
-    """Action row h of env b = [observed step + h, h]: executed actions reveal chunk positions."""
-
-    def __init__(self) -> None:
-        super().__init__(strict=True)
-        self.resets: list[dict] = []
-
-    def get_modality_config(self):
-        return {
-            "video": ModalityConfig([0], []),
-            "state": ModalityConfig([0], ["step"]),
-            "action": ModalityConfig(list(range(HORIZON)), ["a"]),
-            "language": ModalityConfig([0], ["task"]),
-        }
-
-    def reset(self, options=None):
-        self.resets.append(options)
-        return {}
-
-    def _get_action(self, observation, options=None):
-        step = observation["state"]["step"][:, -1, 0]
-        h = np.arange(HORIZON, dtype=np.float32)
-        a = np.stack([step[:, None] + h, np.broadcast_to(h, (len(step), HORIZON))], axis=-1)
-        return {"a": a.astype(np.float32)}, {}
-
-
 def _config(**kw):
     driver = DriverConfig(n_action_steps=3, key_map=KeyMap(video={}, language="task"))
     base = dict(env=EnvConfig(task="counter"), driver=driver, n_episodes=7, n_envs=2, max_episode_steps=50, seed=0,
@@ -89,7 +63,7 @@ def _episodes_from_logs(envs):
 @pytest.mark.parametrize("n_envs", [1, 2, 3])
 def test_chunks_execute_receding_horizon_and_restart_fresh_after_reset(n_envs):
     envs = [CounterEnv() for _ in range(n_envs)]
-    policy = StepIndexPolicy()
+    policy = StepIndexPolicy(HORIZON)
     report = run_rollout(policy, _config(n_envs=n_envs), envs=envs)
     assert [e.episode for e in report.episodes] == list(range(7))  # exactly n_episodes, in order
     episodes = _episodes_from_logs(envs)
@@ -108,7 +82,7 @@ def test_chunks_execute_receding_horizon_and_restart_fresh_after_reset(n_envs):
 
 
 def test_results_do_not_depend_on_n_envs_over_a_real_server():
-    server = PolicyServer(StepIndexPolicy(), port=0, verbose=False)
+    server = PolicyServer(StepIndexPolicy(HORIZON), port=0, verbose=False)
     port = server.start()
     client = PolicyClient("127.0.0.1", port, timeout_ms=5000)
     try:

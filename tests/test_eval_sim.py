@@ -23,8 +23,6 @@ from policyserve.cli.server_process import free_port  # noqa: E402
 from policyserve.client.connect import ServerUnavailableError, connect_policy  # noqa: E402
 from policyserve.policies.base import PolicyWrapper  # noqa: E402
 from policyserve.policies.constant import ConstantPolicy  # noqa: E402
-from policyserve.protocol.client import PolicyClient  # noqa: E402
-from policyserve.protocol.server import PolicyServer  # noqa: E402
 from policyserve.registry import get_embodiment_spec  # noqa: E402
 from policyserve.types import ModalityConfig, ModalityDims  # noqa: E402
 
@@ -44,32 +42,6 @@ def demos(tmp_path_factory):
     assert summary["demos"] == 1
     convert_hdf5_to_lerobot(hdf5, root / "dataset", progress=False)
     return hdf5, root / "dataset"
-
-
-class Served:
-    """A policy served in-process on a free port, with a client; closed by ``close``."""
-
-    def __init__(self, policy):
-        self.server = PolicyServer(policy, port=0, verbose=False)
-        self.port = self.server.start()
-        self.client = PolicyClient("127.0.0.1", self.port, timeout_ms=20000)
-
-    def close(self):
-        self.client.close()
-        self.server.stop()
-
-
-@pytest.fixture
-def serve():
-    served = []
-
-    def _serve(policy):
-        served.append(Served(policy))
-        return served[-1]
-
-    yield _serve
-    for s in served:
-        s.close()
 
 
 def replay(dataset, execution_horizon=1):
