@@ -22,6 +22,22 @@ def gr1_dataset_path() -> Path:
     return path
 
 
+@pytest.fixture
+def serve():
+    """``serve(policy) -> Served``: policies served on loopback for the test, all stopped afterwards."""
+    from helpers import Served
+
+    served = []
+
+    def _serve(policy):
+        served.append(Served(policy))
+        return served[-1]
+
+    yield _serve
+    for s in served:
+        s.close()
+
+
 SKIP_IS_FAILURE = ("skipped tests count as failures: a missing dependency or fixture must not pass as "
                    "'skipped' (install everything with scripts/install.sh; test data lives in ../shared/datasets)")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from policyserve.errors import ConfigError, ValidationError
-from policyserve.eval.adapter import EnvPolicyAdapter, HistoryBuffer, KeyMap
+from policyserve.client.adapter import EnvPolicyAdapter, HistoryBuffer, KeyMap
 from policyserve.policies import validation
 from policyserve.registry import get_embodiment_spec
 from policyserve.types import ModalityConfig

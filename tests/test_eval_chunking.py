@@ -6,14 +6,16 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from policyserve.client.adapter import KeyMap
+from policyserve.client.chunking import ActionChunker, ChunkingConfig, ChunkSyncError
+from policyserve.client.driver import DriverConfig
 from policyserve.errors import ConfigError
-from policyserve.eval.adapter import KeyMap
-from policyserve.eval.chunking import ActionChunker, ChunkingConfig
+from policyserve.eval.envs import EnvConfig
 from policyserve.eval.rollout import RolloutConfig, run_rollout, wilson_interval
-from policyserve.policies.base import BasePolicy
 from policyserve.protocol.client import PolicyClient
 from policyserve.protocol.server import PolicyServer
-from policyserve.types import ModalityConfig
+
+from helpers import StepIndexPolicy
 
 HORIZON = 5
 
@@ -43,35 +45,10 @@ class CounterEnv(gym.Env):
         return self._obs(), 1.0, done, False, {"success": done and self.seed_ % 2 == 0}
 
 
-class StepIndexPolicy(BasePolicy):
-    """Action row h of env b = [observed step + h, h]: executed actions reveal chunk positions."""
-
-    def __init__(self) -> None:
-        super().__init__(strict=True)
-        self.resets: list[dict] = []
-
-    def get_modality_config(self):
-        return {
-            "video": ModalityConfig([0], []),
-            "state": ModalityConfig([0], ["step"]),
-            "action": ModalityConfig(list(range(HORIZON)), ["a"]),
-            "language": ModalityConfig([0], ["task"]),
-        }
-
-    def reset(self, options=None):
-        self.resets.append(options)
-        return {}
-
-    def _get_action(self, observation, options=None):
-        step = observation["state"]["step"][:, -1, 0]
-        h = np.arange(HORIZON, dtype=np.float32)
-        a = np.stack([step[:, None] + h, np.broadcast_to(h, (len(step), HORIZON))], axis=-1)
-        return {"a": a.astype(np.float32)}, {}
-
-
 def _config(**kw):
-    base = dict(task="counter", n_episodes=7, n_envs=2, n_action_steps=3, max_episode_steps=50, seed=0,
-                key_map=KeyMap(video={}, language="task"), progress=False)
+    driver = DriverConfig(n_action_steps=3, key_map=KeyMap(video={}, language="task"))
+    base = dict(env=EnvConfig(task="counter"), driver=driver, n_episodes=7, n_envs=2, max_episode_steps=50, seed=0,
+                progress=False)
     return RolloutConfig(**{**base, **kw})
 
 
@@ -86,7 +63,7 @@ def _episodes_from_logs(envs):
 @pytest.mark.parametrize("n_envs", [1, 2, 3])
 def test_chunks_execute_receding_horizon_and_restart_fresh_after_reset(n_envs):
     envs = [CounterEnv() for _ in range(n_envs)]
-    policy = StepIndexPolicy()
+    policy = StepIndexPolicy(HORIZON)
     report = run_rollout(policy, _config(n_envs=n_envs), envs=envs)
     assert [e.episode for e in report.episodes] == list(range(7))  # exactly n_episodes, in order
     episodes = _episodes_from_logs(envs)
@@ -105,7 +82,7 @@ def test_chunks_execute_receding_horizon_and_restart_fresh_after_reset(n_envs):
 
 
 def test_results_do_not_depend_on_n_envs_over_a_real_server():
-    server = PolicyServer(StepIndexPolicy(), port=0, verbose=False)
+    server = PolicyServer(StepIndexPolicy(HORIZON), port=0, verbose=False)
     port = server.start()
     client = PolicyClient("127.0.0.1", port, timeout_ms=5000)
     try:
@@ -122,18 +99,40 @@ def test_results_do_not_depend_on_n_envs_over_a_real_server():
 
 def test_chunker_unit_behaviour():
     chunker = ActionChunker(2, ChunkingConfig(n_action_steps=2))
-    assert chunker.needs_query([0, 1])
+    assert chunker.remaining(0) == chunker.available(0) == 0
     chunk = np.arange(2 * 4, dtype=np.float32).reshape(2, 4, 1)
     chunker.set_chunks(chunk, [0, 1])
     assert chunker.pop(0)[0] == 0 and chunker.pop(1)[0] == 4
     chunker.reset([1])  # env 1 finished mid-chunk
-    assert chunker.remaining(1) == 0 and chunker.remaining(0) == 1 and not chunker.needs_query([0, 1])
+    assert chunker.remaining(1) == chunker.available(1) == 0 and chunker.step(1) == 0
+    assert chunker.remaining(0) == 1 and chunker.available(0) == 3
     assert chunker.pop(0)[0] == 1
-    assert chunker.needs_query([0, 1])
-    with pytest.raises(RuntimeError, match="no action left"):
+    assert chunker.remaining(0) == 0 and chunker.available(0) == 2  # window used up; the chunk covers 2 more
+    assert chunker.pop(0)[0] == 2 and chunker.pop(0)[0] == 3
+    with pytest.raises(RuntimeError, match="no action for step 4"):
         chunker.pop(0)
-    with pytest.raises(ConfigError, match="exceeds the policy's action horizon 4"):
+    with pytest.raises(ConfigError, match="n_action_steps=5 exceeds the policy's action horizon 4"):
         ActionChunker(1, ChunkingConfig(n_action_steps=5)).set_chunks(chunk[:1], [0])
+
+
+def test_chunks_are_aligned_to_the_step_they_were_computed_for():
+    chunker = ActionChunker(1, ChunkingConfig(n_action_steps=4))
+    chunker.set_chunks(np.arange(8, dtype=np.float32).reshape(1, 8, 1), [0])  # steps 0..7
+    for _ in range(3):
+        chunker.pop(0)
+    # a late reply computed for step 1: the actions of steps 1 and 2 have passed; step 3 is its row 2
+    chunker.set_chunks(100 + np.arange(8, dtype=np.float32).reshape(1, 8, 1), [0], start_steps=[1])
+    assert chunker.pop(0)[0] == 102 and chunker.remaining(0) == 1  # window: steps 1..4
+    # a reply for a later step (a replay cursor ahead): the current chunk runs until that step
+    chunker.set_chunks(200 + np.arange(8, dtype=np.float32).reshape(1, 8, 1), [0], start_steps=[6], window=2)
+    assert [chunker.pop(0)[0] for _ in range(4)] == [103, 104, 200, 201]
+    assert chunker.remaining(0) == 0 and chunker.available(0) == 6
+    with pytest.raises(ChunkSyncError, match="chunk for step 20 but the env is at step 8 with actions only up to "
+                                             "step 13"):
+        chunker.set_chunks(np.zeros((1, 8, 1), np.float32), [0], start_steps=[20])
+    with pytest.raises(ChunkSyncError, match="computed for step 0 .* arrived at step 8"):
+        chunker.set_chunks(np.zeros((1, 8, 1), np.float32), [0], start_steps=[0])
+    assert chunker.pop(0)[0] == 202  # the failed placements left the queue as it was
     with pytest.raises(ConfigError, match="n_action_steps must be >= 1"):
         ChunkingConfig(n_action_steps=0)
 

@@ -13,13 +13,16 @@ pytest.importorskip("h5py")
 
 from policyserve.cli.main import main as cli_main  # noqa: E402
 from policyserve.errors import ConfigError  # noqa: E402
-from policyserve.eval.compare import ComparisonConfig, ModalityMismatchError, run_comparison  # noqa: E402
+from policyserve.client.driver import DriverConfig  # noqa: E402
+from policyserve.eval.compare import (  # noqa: E402
+    ComparisonConfig, ModalityMismatchError, PolicyRoleError, run_comparison,
+)
+from policyserve.eval.envs import EnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402
-from policyserve.eval.servers import ServerUnavailableError, connect_policy, free_port  # noqa: E402
+from policyserve.cli.server_process import free_port  # noqa: E402
+from policyserve.client.connect import ServerUnavailableError, connect_policy  # noqa: E402
 from policyserve.policies.base import PolicyWrapper  # noqa: E402
 from policyserve.policies.constant import ConstantPolicy  # noqa: E402
-from policyserve.protocol.client import PolicyClient  # noqa: E402
-from policyserve.protocol.server import PolicyServer  # noqa: E402
 from policyserve.registry import get_embodiment_spec  # noqa: E402
 from policyserve.types import ModalityConfig, ModalityDims  # noqa: E402
 
@@ -41,51 +44,43 @@ def demos(tmp_path_factory):
     return hdf5, root / "dataset"
 
 
-class Served:
-    """A policy served in-process on a free port, with a client; closed by ``close``."""
-
-    def __init__(self, policy):
-        self.server = PolicyServer(policy, port=0, verbose=False)
-        self.port = self.server.start()
-        self.client = PolicyClient("127.0.0.1", self.port, timeout_ms=20000)
-
-    def close(self):
-        self.client.close()
-        self.server.stop()
-
-
-@pytest.fixture
-def serve():
-    served = []
-
-    def _serve(policy):
-        served.append(Served(policy))
-        return served[-1]
-
-    yield _serve
-    for s in served:
-        s.close()
-
-
 def replay(dataset, execution_horizon=1):
     from policyserve.policies.replay import make_replay_policy
 
     return make_replay_policy(dataset, execution_horizon, embodiment_tag="franka_panda")
 
 
-class PerturbedPolicy(PolicyWrapper):
-    """A real policy whose arm action gets +0.5 on axis 0 from its ``after``-th get_action on."""
+ENV = EnvConfig(task="lift", camera_size=SIZE)
+
+
+class Demonstrator(PolicyWrapper):
+    """A "model" that acts like the demo (a replay behind it) but, like any model, does not say it replays."""
+
+    def __init__(self, policy):
+        super().__init__(policy, strict=False)
+
+    def reset(self, options=None):
+        self.policy.reset(options)
+        return {}
+
+    def _get_action(self, observation, options=None):
+        action, _ = self.policy.get_action(observation, options)
+        return action, {}
+
+
+class PerturbedPolicy(Demonstrator):
+    """A demonstrator whose arm action gets +0.5 on axis 0 from its ``after``-th get_action on."""
 
     def __init__(self, policy, after):
-        super().__init__(policy, strict=False)
+        super().__init__(policy)
         self.after, self.calls = after, 0
 
     def reset(self, options=None):
         self.calls = 0
-        return self.policy.reset(options)
+        return super().reset(options)
 
     def _get_action(self, observation, options=None):
-        action, info = self.policy.get_action(observation, options)
+        action, info = super()._get_action(observation, options)
         if self.calls >= self.after:
             action["arm"] = action["arm"].copy()
             action["arm"][..., 0] += 0.5
@@ -96,9 +91,9 @@ class PerturbedPolicy(PolicyWrapper):
 def test_rollout_replaying_ground_truth_from_the_demo_state_succeeds(demos, serve, tmp_path):
     hdf5, dataset = demos
     served = serve(replay(dataset, execution_horizon=4))
-    config = RolloutConfig(task="lift", n_episodes=1, n_envs=1, n_action_steps=4, max_episode_steps=120,
-                           camera_size=SIZE, hdf5_path=str(hdf5), demo_indices=[0], video_dir=str(tmp_path / "v"),
-                           progress=False)
+    config = RolloutConfig(env=ENV, driver=DriverConfig(n_action_steps=4), n_episodes=1, n_envs=1,
+                           max_episode_steps=120, hdf5_path=str(hdf5), demo_indices=[0],
+                           video_dir=str(tmp_path / "v"), progress=False)
     report = run_rollout(served.client, config, report_path=tmp_path / "report.json")
     assert report.episodes[0].success and report.success_rate == 1.0
     data = json.loads((tmp_path / "report.json").read_text())
@@ -117,19 +112,19 @@ def test_success_rate_identical_for_one_and_two_envs_with_a_deterministic_policy
 
     outcomes = []
     for n_envs in (1, 2):
-        config = RolloutConfig(task="lift", n_episodes=3, n_envs=n_envs, n_action_steps=1, max_episode_steps=70,
-                               seed=3, progress=False)
+        config = RolloutConfig(env=EnvConfig(task="lift"), driver=DriverConfig(n_action_steps=1), n_episodes=3,
+                               n_envs=n_envs, max_episode_steps=70, seed=3, progress=False)
         report = run_rollout(make_scripted_policy("lift"), config)
         outcomes.append([(e.episode, e.seed, e.success, e.steps, round(e.reward, 6)) for e in report.episodes])
     assert outcomes[0] == outcomes[1]
     assert len(outcomes[0]) == 3 and any(o[2] for o in outcomes[0])
 
 
-def test_compare_with_replay_on_both_ports_has_zero_difference(demos, serve, tmp_path):
+def test_compare_with_a_model_acting_like_the_demo_has_zero_difference(demos, serve, tmp_path):
     hdf5, dataset = demos
-    model, rep = serve(replay(dataset)), serve(replay(dataset))
+    model, rep = serve(Demonstrator(replay(dataset))), serve(replay(dataset))
     result = run_comparison(model.client, rep.client, ComparisonConfig(
-        task="lift", hdf5_path=str(hdf5), demo_index=0, start_step=3, max_steps=25, camera_size=SIZE,
+        env=ENV, hdf5_path=str(hdf5), demo_index=0, start_step=3, max_steps=25,
         output_dir=str(tmp_path / "cmp"), progress=False))
     assert len(result.steps) == 25 and result.steps[0].demo_step == 3
     assert result.max_action_diff == 0.0 and result.max_eef_distance == 0.0
@@ -142,25 +137,44 @@ def test_compare_with_replay_on_both_ports_has_zero_difference(demos, serve, tmp
     assert len(lines) == 26 and lines[0].startswith("step,demo_step,model_a0")
 
 
-def test_compare_detects_a_replay_server_out_of_lockstep_and_accepts_a_matching_horizon(demos, serve):
-    from policyserve.eval import ReplaySyncError
-
+@pytest.mark.parametrize("horizon", [1, 4, 16])
+def test_compare_follows_the_replay_server_whatever_its_execution_horizon(demos, serve, horizon):
     hdf5, dataset = demos
-    model, rep = serve(replay(dataset)), serve(replay(dataset, execution_horizon=4))
-    config = ComparisonConfig(task="lift", hdf5_path=str(hdf5), max_steps=10, camera_size=SIZE, progress=False)
-    with pytest.raises(ReplaySyncError, match=r"chunk for step 4 but its env is at step 1.*--execution-horizon 1"):
-        run_comparison(model.client, rep.client, config)
-    assert rep.client.ping()
-    config.replay_action_steps = 4
+    model, rep = serve(Demonstrator(replay(dataset))), serve(replay(dataset, execution_horizon=horizon))
+    config = ComparisonConfig(env=ENV, hdf5_path=str(hdf5), start_step=2, max_steps=20, progress=False)
     result = run_comparison(model.client, rep.client, config)
-    assert result.max_action_diff == 0.0 and result.max_eef_distance == 0.0
+    assert len(result.steps) == 20 and result.max_action_diff == 0.0 and result.max_eef_distance == 0.0
+
+
+def test_compare_rejects_swapped_model_and_replay_ports(demos, serve, tmp_path, capsys):
+    hdf5, dataset = demos
+    model, rep = serve(Demonstrator(replay(dataset))), serve(replay(dataset))
+    config = ComparisonConfig(env=ENV, hdf5_path=str(hdf5), max_steps=5, progress=False,
+                              output_dir=str(tmp_path / "swapped"))
+    with pytest.raises(PolicyRoleError, match=rf"swapped: the replay policy \(tcp://127.0.0.1:{model.port}\) is not "
+                                              rf"a replay and the model policy \(tcp://127.0.0.1:{rep.port}\) is one"):
+        run_comparison(rep.client, model.client, config)
+    assert not (tmp_path / "swapped").exists()  # no mislabelled report
+    with pytest.raises(PolicyRoleError, match=rf"model policy \(tcp://127.0.0.1:{rep.port}\) serves a replay"):
+        run_comparison(rep.client, rep.client, config)
+    with pytest.raises(PolicyRoleError, match=rf"replay policy \(tcp://127.0.0.1:{model.port}\) is not a replay"):
+        run_comparison(model.client, model.client, config)
+    code = cli_main(["compare", "--task", "lift", "--hdf5-path", str(hdf5), "--model-port", str(rep.port),
+                     "--replay-port", str(model.port), "--camera-size", "32", "--max-steps", "5",
+                     "--output", str(tmp_path / "cli"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "servers are swapped" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli").exists()
+    assert model.client.ping() and rep.client.ping()  # both servers keep serving
+    result = run_comparison(model.client, rep.client, config)  # the right order still works
+    assert result.max_action_diff == 0.0
 
 
 def test_compare_with_a_perturbed_policy_reports_the_divergence_step(demos, serve):
     hdf5, dataset = demos
     model, rep = serve(PerturbedPolicy(replay(dataset), after=5)), serve(replay(dataset))
     result = run_comparison(model.client, rep.client, ComparisonConfig(
-        task="lift", hdf5_path=str(hdf5), max_steps=20, camera_size=SIZE, eef_threshold=0.005, progress=False))
+        env=ENV, hdf5_path=str(hdf5), max_steps=20, eef_threshold=0.005, progress=False))
     assert result.action_divergence_step == 5
     assert all(s.action_diff["gripper"] == 0.0 for s in result.steps)
     assert result.steps[5].action_diff["arm"] == pytest.approx(0.5, abs=1e-5)
@@ -170,9 +184,9 @@ def test_compare_with_a_perturbed_policy_reports_the_divergence_step(demos, serv
 def test_compare_errors_for_bad_demo_index_and_start_step(demos, serve, capsys):
     hdf5, dataset = demos
     with pytest.raises(ConfigError, match=r"demo index 3 is out of range: .* demo indices 0..0 \(1 demos\)"):
-        run_comparison(None, None, ComparisonConfig(task="lift", hdf5_path=str(hdf5), demo_index=3))
+        run_comparison(None, None, ComparisonConfig(env=ENV, hdf5_path=str(hdf5), demo_index=3))
     with pytest.raises(ConfigError, match=r"start step 999 is out of range for demo_0 .*valid start steps are 0\.\."):
-        run_comparison(None, None, ComparisonConfig(task="lift", hdf5_path=str(hdf5), start_step=999))
+        run_comparison(None, None, ComparisonConfig(env=ENV, hdf5_path=str(hdf5), start_step=999))
     code = cli_main(["compare", "--task", "lift", "--hdf5-path", str(hdf5), "--demo-index", "7", "--quiet"])
     assert code == 2 and "demo index 7 is out of range" in capsys.readouterr().err
 
@@ -197,7 +211,7 @@ def test_modality_config_mismatch_names_the_key(demos, serve):
     configs["state"] = ModalityConfig([0], ["eef_pos", "joint_torque"])
     wrong_state = serve(ConstantPolicy(configs, spec.dims, strict=False))
     rep = serve(replay(dataset))
-    cfg = ComparisonConfig(task="lift", hdf5_path=str(hdf5), max_steps=2, camera_size=SIZE, progress=False)
+    cfg = ComparisonConfig(env=ENV, hdf5_path=str(hdf5), max_steps=2, progress=False)
     with pytest.raises(ModalityMismatchError, match=r"model server's modality config does not match.*joint_torque"):
         run_comparison(wrong_state.client, rep.client, cfg)
     wrong_dims = serve(ConstantPolicy(spec.modality_configs, ModalityDims(action={"arm": 6, "gripper": 2})))

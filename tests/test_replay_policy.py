@@ -55,8 +55,8 @@ def test_chunk_length_comes_from_delta_index_span(dataset: LeRobotDataset, raw: 
     action, info = policy.get_action(None, {"batch_size": 1})
     assert chunk(action).shape == (1, 10, 44) and action["neck"].dtype == np.float32
     np.testing.assert_array_equal(chunk(action)[0], raw[0][:10])
-    assert info == {"current_step": 0, "episode_index": 0, "episode_length": 416, "num_episodes": 5,
-                    "episode_done": False}
+    assert info == {"replay": True, "execution_horizon": 4, "current_step": 0, "episode_index": 0,
+                    "episode_length": 416, "num_episodes": 5, "episode_done": False}
 
 
 def test_cursor_advances_by_execution_horizon(dataset: LeRobotDataset, raw: dict) -> None:
@@ -70,8 +70,8 @@ def test_cursor_advances_by_execution_horizon(dataset: LeRobotDataset, raw: dict
 def test_padding_and_episode_done_at_the_end(dataset: LeRobotDataset, raw: dict) -> None:
     policy = ReplayPolicy(dataset, configs(dataset), 8)
     info = policy.reset({"episode_index": 4, "step_index": 317})
-    assert info == {"current_step": 317, "episode_index": 4, "episode_length": 328, "num_episodes": 5,
-                    "episode_done": False}
+    assert info == {"replay": True, "execution_horizon": 8, "current_step": 317, "episode_index": 4,
+                    "episode_length": 328, "num_episodes": 5, "episode_done": False}
     action, info = policy.get_action(None)  # rows 317..327 then the last row repeated
     expected = np.concatenate([raw[4][317:], np.repeat(raw[4][-1:], 5, axis=0)])
     np.testing.assert_array_equal(chunk(action)[0], expected)
@@ -87,8 +87,8 @@ def test_reset_without_options_restarts_episode(dataset: LeRobotDataset) -> None
     policy = ReplayPolicy(dataset, configs(dataset), 8)
     policy.reset({"episode_index": 2, "step_index": 100})
     policy.get_action(None)
-    assert policy.reset() == {"current_step": 0, "episode_index": 2, "episode_length": 470, "num_episodes": 5,
-                              "episode_done": False}
+    assert policy.reset() == {"replay": True, "execution_horizon": 8, "current_step": 0, "episode_index": 2,
+                              "episode_length": 470, "num_episodes": 5, "episode_done": False}
 
 
 def test_batch_tiling_from_observation_and_options(dataset: LeRobotDataset, raw: dict) -> None:
@@ -114,6 +114,31 @@ def test_per_env_episodes(dataset: LeRobotDataset, raw: dict) -> None:
         policy.get_action(observation(3))
     info = policy.reset({"episode_index": 1})  # back to one shared episode
     assert info["episode_index"] == 1 and chunk(policy.get_action(observation(3))[0]).shape == (3, 16, 44)
+
+
+def test_reset_of_some_envs_keeps_the_cursors_of_the_others(dataset: LeRobotDataset, raw: dict) -> None:
+    policy = ReplayPolicy(dataset, configs(dataset), 8)
+    info = policy.reset({"env_ids": [0, 1, 2], "episode_index": [3, 0, 1], "step_index": [10, 20, 30]})
+    assert info["episode_index"] == [3, 0, 1] and info["current_step"] == [10, 20, 30]
+    policy.get_action(observation(3))  # every cursor advances by 8
+    info = policy.reset({"env_ids": [1], "episode_index": [2], "step_index": [5]})
+    assert info["episode_index"] == [3, 2, 1] and info["current_step"] == [18, 5, 38]
+    assert info["replay"] is True and info["execution_horizon"] == 8
+    action, info = policy.get_action(observation(3))
+    np.testing.assert_array_equal(chunk(action)[0], raw[3][18:34])
+    np.testing.assert_array_equal(chunk(action)[1], raw[2][5:21])
+    np.testing.assert_array_equal(chunk(action)[2], raw[1][38:54])
+    info = policy.reset({"env_ids": [2, 0], "step_index": 0})  # scalar: both envs; their episodes are kept
+    assert info["episode_index"] == [3, 2, 1] and info["current_step"] == [0, 13, 0]
+    info = policy.reset({"env_ids": [4]})  # a new env index grows the batch; env 3 copies the last env
+    assert info["episode_index"] == [3, 2, 1, 1, 1] and info["current_step"] == [0, 13, 0, 0, 0]
+    with pytest.raises(ReplayError, match=r"options\['episode_index'\] has 2 entries for 1 env_ids \[0\]"):
+        policy.reset({"env_ids": [0], "episode_index": [1, 2]})
+    with pytest.raises(ReplayError, match=r"distinct env indices >= 0, got \[1, 1\]"):
+        policy.reset({"env_ids": [1, 1]})
+    with pytest.raises(ReplayError, match=r"step_index 999 is out of range for episode 3"):
+        policy.reset({"env_ids": [1, 0], "step_index": [0, 999]})
+    assert policy.get_action(observation(5))[1]["current_step"] == [0, 13, 0, 0, 0]  # failed resets changed nothing
 
 
 def test_bad_reset_keeps_position(dataset: LeRobotDataset) -> None:

@@ -35,8 +35,8 @@ def test_replay_over_loopback(client: PolicyClient, gr1_dataset_path: Path) -> N
     configs = client.get_modality_config()
     assert isinstance(configs["action"], ModalityConfig) and configs["action"].modality_keys[0] == "left_arm"
     info = client.reset({"episode_index": 2, "step_index": 8})
-    assert info == {"current_step": 8, "episode_index": 2, "episode_length": 470, "num_episodes": 5,
-                    "episode_done": False}
+    assert info == {"replay": True, "execution_horizon": 8, "current_step": 8, "episode_index": 2,
+                    "episode_length": 470, "num_episodes": 5, "episode_done": False}
     for step in (8, 16):
         action, info = client.get_action(None, {"batch_size": 2})
         served = np.concatenate([action[k] for k in configs["action"].modality_keys], axis=2)

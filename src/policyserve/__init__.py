@@ -1,9 +1,11 @@
 """policyserve: serve, replay and evaluate robot policies over GR00T's ZeroMQ + msgpack protocol."""
 
+from .client import DriverConfig, KeyMap, PolicyDriver
 from .errors import (
     ConfigError, PolicyServeError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError, ValidationError,
 )
 from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
+from .policies.replay import ReplayPolicy
 from .protocol import PolicyClient, PolicyServer
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
@@ -16,8 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
-    "ConstantPolicy", "EmbodimentTag", "Gr00tSimPolicyWrapper", "ModalityConfig", "ModalityDims", "PolicyClient",
-    "PolicyServeError", "PolicyServer", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError", "ServerError",
-    "SimPolicyWrapper", "UnauthorizedError", "ValidationError", "get_modality_configs", "load_modality_config_file",
-    "register_modality_config", "registered_embodiments",
+    "ConstantPolicy", "DriverConfig", "EmbodimentTag", "Gr00tSimPolicyWrapper", "KeyMap", "ModalityConfig",
+    "ModalityDims", "PolicyClient", "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicyTimeoutError",
+    "PolicyWrapper", "ProtocolError", "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError",
+    "ValidationError", "get_modality_configs", "load_modality_config_file", "register_modality_config",
+    "registered_embodiments",
 ]

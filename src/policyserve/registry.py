@@ -102,7 +102,7 @@ def get_embodiment_spec(tag: str | EmbodimentTag) -> EmbodimentSpec:
     if key not in _REGISTRY:
         raise ConfigError(
             f"no modality config registered for embodiment {key!r}; known: {', '.join(sorted(_REGISTRY))}. "
-            "Pass --modality-config-path FILE.json or register one with register_modality_config()."
+            "Load a modality config file (load_modality_config_file) or register one with register_modality_config()."
         )
     return _REGISTRY[key]
 

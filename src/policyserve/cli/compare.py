@@ -2,8 +2,9 @@
 
 Two envs are restored to the recorded state of demo --demo-index at step --start-step of --hdf5-path;
 env 0 follows the model server (--model-port), env 1 the replay server (--replay-port, reset to
-episode_index=demo index, step_index=start step; start it with --execution-horizon 1). Writes
-comparison.json, traces.csv, comparison.png and comparison.mp4 under --output.
+episode_index=demo index, step_index=start step; any --execution-horizon: the replay reports it in its
+replies). Swapped ports are an error. Writes comparison.json, traces.csv, comparison.png and comparison.mp4
+under --output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from typing import Any
 
 from .common import add_api_token
-from .rollout import add_env_arguments, key_map_from_args
+from .rollout import add_driver_arguments, add_env_arguments, driver_config_from_args, env_config_from_args, server_hint
 
 
 def register(sub: Any) -> None:
@@ -29,10 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--replay-port", type=int, default=5556)
     add_api_token(p)
     p.add_argument("--max-steps", type=int, default=None, help="default: the rest of the demo")
-    p.add_argument("--n-action-steps", type=int, default=1, help="model actions executed per model query")
-    p.add_argument("--replay-action-steps", type=int, default=1,
-                   help="replay actions executed per replay query: the replay server's --execution-horizon "
-                        "(default 1, lockstep)")
+    add_driver_arguments(p, default_steps=1, steps_help="model actions executed per model query (default 1)")
     p.add_argument("--eef-threshold", type=float, default=0.02, help="eef distance (m) that counts as diverged")
     p.add_argument("--action-threshold", type=float, default=0.1, help="action difference that counts as diverged")
     p.add_argument("--output", default=None, help="output directory (default ./outputs/compare-<timestamp>)")
@@ -42,26 +40,28 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..client.connect import ServerUnavailableError, connect_policy
     from ..errors import PolicyServeError
     from ..eval.compare import ComparisonConfig, check_demo_range, run_comparison
-    from ..eval.servers import connect_policy
 
     output = args.output or f"outputs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
     clients = []
+    port = args.model_port
     try:
         config = ComparisonConfig(
-            task=args.task, hdf5_path=args.hdf5_path, demo_index=args.demo_index, start_step=args.start_step,
-            max_steps=args.max_steps, n_action_steps=args.n_action_steps,
-            replay_action_steps=args.replay_action_steps, camera_size=args.camera_size,
-            key_map=key_map_from_args(args), eef_threshold=args.eef_threshold,
-            action_threshold=args.action_threshold, output_dir=output, video=not args.no_video,
-            action_options=None if args.policy_seed is None else {"seed": args.policy_seed}, progress=not args.quiet,
+            env=env_config_from_args(args), driver=driver_config_from_args(args), hdf5_path=args.hdf5_path,
+            demo_index=args.demo_index, start_step=args.start_step, max_steps=args.max_steps,
+            eef_threshold=args.eef_threshold, action_threshold=args.action_threshold, output_dir=output,
+            video=not args.no_video, progress=not args.quiet,
         )
         check_demo_range(args.hdf5_path, args.demo_index, args.start_step)
         for role, port in (("model", args.model_port), ("replay", args.replay_port)):
             clients.append(connect_policy(args.host, port, api_token=args.api_token, timeout_ms=args.timeout_ms,
                                           role=role))
         result = run_comparison(clients[0], clients[1], config)
+    except ServerUnavailableError as exc:
+        print(f"error: {exc}; {server_hint(port)}", file=sys.stderr, flush=True)
+        return 2
     except (PolicyServeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, PolicyServeError
-    from ..eval.demo import DemoConfig, print_result, run_demo
+    from .demo_workflow import DemoConfig, print_result, run_demo
 
     minimum = {"n_demos": 1, "model_steps": 0, "eval_episodes": 1, "eval_envs": 1, "max_episode_steps": 1}
     for flag, least in minimum.items():

@@ -28,11 +28,44 @@ def add_env_arguments(p: argparse.ArgumentParser, *, default_size: str = "128") 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_driver_arguments(p: argparse.ArgumentParser, *, default_steps: int, steps_help: str) -> None:
+    """How the policy's action chunks are executed (PolicyDriver flags) for rollout and compare."""
+    p.add_argument("--n-action-steps", type=int, default=default_steps, help=steps_help)
+    p.add_argument("--ensemble-coef", type=float, default=None,
+                   help="temporal ensembling of overlapping chunks with weights exp(-coef*i)")
+    p.add_argument("--async-inference", action="store_true",
+                   help="ask for the next chunk while the current one executes (the env loop does not wait)")
+    p.add_argument("--async-threshold", type=int, default=None,
+                   help="with --async-inference: query when at most N actions of the window are left "
+                        "(default n-action-steps // 2)")
+
+
 def key_map_from_args(args: argparse.Namespace) -> Any:
-    from ..eval.adapter import KeyMap
+    from ..client.adapter import KeyMap
 
     base = KeyMap.from_file(args.key_map) if args.key_map else KeyMap()
     return KeyMap.from_pairs(args.map, base)
+
+
+def env_config_from_args(args: argparse.Namespace) -> Any:
+    from ..eval.envs import EnvConfig
+
+    return EnvConfig(task=args.task, camera_size=args.camera_size)
+
+
+def driver_config_from_args(args: argparse.Namespace) -> Any:
+    from ..client.driver import DriverConfig
+
+    return DriverConfig(
+        n_action_steps=args.n_action_steps, ensemble_coef=args.ensemble_coef, key_map=key_map_from_args(args),
+        action_options=None if args.policy_seed is None else {"seed": args.policy_seed},
+        async_inference=args.async_inference, async_threshold=args.async_threshold,
+    )
+
+
+def server_hint(port: int) -> str:
+    """What to try when no server answers (the CLI's addition to the library's error)."""
+    return f"start one with 'policyserve serve --port {port} ...' or check --host/--port/--api-token"
 
 
 def register(sub: Any) -> None:
@@ -46,9 +79,7 @@ def register(sub: Any) -> None:
                    help="run a local policy instead of connecting to a server")
     p.add_argument("--n-envs", type=int, default=1)
     p.add_argument("--n-episodes", type=int, default=10)
-    p.add_argument("--n-action-steps", type=int, default=8, help="actions executed per query (receding horizon)")
-    p.add_argument("--ensemble-coef", type=float, default=None,
-                   help="temporal ensembling of overlapping chunks with weights exp(-coef*i)")
+    add_driver_arguments(p, default_steps=8, steps_help="actions executed per query (receding horizon)")
     p.add_argument("--max-episode-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video-dir", default=None, help="write one MP4 per episode here")
@@ -62,19 +93,17 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..client.connect import ServerUnavailableError, connect_policy
     from ..errors import PolicyServeError
     from ..eval.rollout import RolloutConfig, run_rollout
-    from ..eval.servers import connect_policy
 
     client = None
     try:
         config = RolloutConfig(
-            task=args.task, n_episodes=args.n_episodes, n_envs=args.n_envs, n_action_steps=args.n_action_steps,
-            max_episode_steps=args.max_episode_steps, seed=args.seed, ensemble_coef=args.ensemble_coef,
-            camera_size=args.camera_size, key_map=key_map_from_args(args),
-            action_options=None if args.policy_seed is None else {"seed": args.policy_seed},
-            hdf5_path=args.hdf5_path, demo_indices=args.demo_indices, video_dir=args.video_dir,
-            max_videos=args.max_videos, progress=not args.quiet,
+            env=env_config_from_args(args), driver=driver_config_from_args(args), n_episodes=args.n_episodes,
+            n_envs=args.n_envs, max_episode_steps=args.max_episode_steps, seed=args.seed, hdf5_path=args.hdf5_path,
+            demo_indices=args.demo_indices, video_dir=args.video_dir, max_videos=args.max_videos,
+            progress=not args.quiet,
         )
         if args.policy == "scripted":
             from ..sim.scripted import make_scripted_policy
@@ -84,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
             policy = client = connect_policy(args.host, args.port, api_token=args.api_token,
                                              timeout_ms=args.timeout_ms)
         report = run_rollout(policy, config, report_path=args.report)
+    except ServerUnavailableError as exc:
+        print(f"error: {exc}; {server_hint(args.port)}", file=sys.stderr, flush=True)
+        return 2
     except (PolicyServeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -93,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary())
     t = report.timing
     print(f"{t['env_steps']} env steps in {t['wall_s']:.1f} s ({t['env_steps_per_s']:.1f} steps/s), "
-          f"{t['policy_queries']} policy queries ({100 * t['policy_share']:.1f}% of the time)")
+          f"{t['policy_queries']} policy queries ({100 * t['policy_share']:.1f}% of the time, the env loop waited "
+          f"{100 * t['policy_wait_share']:.1f}%)")
     if args.report:
         print(f"report: {args.report}")
     if args.video_dir:

@@ -140,7 +140,7 @@ class ColumnMap:
         """
         changes: dict[str, Any] = {}
         if cameras:
-            changes["cameras"] = dict(_split_pair(c, "--camera", "KEY=NAME") for c in cameras)
+            changes["cameras"] = dict(_split_pair(c, "cameras entry", "KEY=NAME") for c in cameras)
         if state:
             changes["state"] = [k.strip() for s in state for k in s.split(",") if k.strip()]
         if action_splits:
@@ -158,17 +158,17 @@ def hdf5_path(key: str) -> str:
     return key if "/" in key else f"obs/{key}"
 
 
-def _split_pair(text: str, flag: str, form: str) -> tuple[str, str]:
+def _split_pair(text: str, what: str, form: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
-        raise ConfigError(f"{flag} expects {form}, got {text!r}")
+        raise ConfigError(f"{what} expects {form}, got {text!r}")
     return key.strip(), value.strip()
 
 
 def _parse_action_split(text: str) -> tuple[str, tuple[int, int]]:
-    name, span = _split_pair(text, "--action-split", "NAME=START:END")
+    name, span = _split_pair(text, "action_splits entry", "NAME=START:END")
     try:
         start, end = (int(v) for v in span.split(":"))
     except ValueError:
-        raise ConfigError(f"--action-split expects NAME=START:END with integers, got {text!r}") from None
+        raise ConfigError(f"action_splits entry expects NAME=START:END with integers, got {text!r}") from None
     return name, (start, end)

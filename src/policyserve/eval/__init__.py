@@ -1,17 +1,14 @@
-"""policyserve.eval: env<->policy adapter, chunked rollouts, model-vs-replay comparison and the end-to-end demo."""
+"""policyserve.eval: rollouts and the model-vs-replay comparison in the Franka envs, over a PolicyDriver."""
 
-from .adapter import EnvPolicyAdapter, HistoryBuffer, KeyMap
-from .chunking import ActionChunker, ChunkingConfig
 from .compare import (
-    ComparisonConfig, ComparisonResult, ModalityMismatchError, ReplaySyncError, check_demo_range, run_comparison,
+    ComparisonConfig, ComparisonResult, ModalityMismatchError, PolicyRoleError, check_demo_range, run_comparison,
 )
-from .rollout import EpisodeResult, RolloutConfig, RolloutReport, run_rollout, wilson_interval
-from .servers import ServerProcess, ServerUnavailableError, connect_policy, free_port
-from .video import VideoWriter, compose_frame
+from .envs import EnvConfig, batch_observations, make_envs
+from .frames import compose_frame
+from .rollout import EpisodeResult, RolloutConfig, RolloutReport, config_dict, run_rollout, wilson_interval
 
 __all__ = [
-    "ActionChunker", "ChunkingConfig", "ComparisonConfig", "ComparisonResult", "EnvPolicyAdapter", "EpisodeResult",
-    "HistoryBuffer", "KeyMap", "ModalityMismatchError", "ReplaySyncError", "RolloutConfig", "RolloutReport", "ServerProcess",
-    "ServerUnavailableError", "VideoWriter", "check_demo_range", "compose_frame", "connect_policy", "free_port",
-    "run_comparison", "run_rollout", "wilson_interval",
+    "ComparisonConfig", "ComparisonResult", "EnvConfig", "EpisodeResult", "ModalityMismatchError", "PolicyRoleError",
+    "RolloutConfig", "RolloutReport", "batch_observations", "check_demo_range", "compose_frame", "config_dict",
+    "make_envs", "run_comparison", "run_rollout", "wilson_interval",
 ]

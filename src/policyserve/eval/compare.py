@@ -1,11 +1,14 @@
 """Model-vs-replay comparison rollout: two envs restored to a recorded demo state, stepped in lockstep.
 
-Env 0 is driven by the model policy, env 1 by the replay policy (reset to ``episode_index=demo_index``,
-``step_index=start_step``; converted datasets map demo_N to episode N). Both envs start from the demo's
-recorded sim state at ``start_step`` (bitwise restore). Per step the comparison records both actions,
-their difference per action key, both end-effector positions and both envs' success; it writes the
-traces as JSON and CSV, a figure of action dimensions and eef trajectories with the first divergence
-marked, and a side-by-side video.
+Env 0 is driven by the model policy, env 1 by the replay policy (reset to ``demo_index``,
+``step_index=start_step``: the replay finds demo_N's episode through the dataset's demo map, so demo_N meets
+its own episode also when the HDF5 file has gaps), each through its own
+:class:`~policyserve.client.driver.PolicyDriver`. The replay side follows the execution horizon the replay
+reports in its replies, whatever it was started with. The replay policy must say ``"replay": True`` in its
+replies and the model policy must not, so swapped servers fail with a clear error. Both envs start from the
+demo's recorded sim state at ``start_step``. Per step the comparison records both actions, their difference
+per action key, both end-effector positions and both envs' success; it writes the traces as JSON and CSV, a
+figure of action dimensions and eef trajectories with the first divergence marked, and a side-by-side video.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from ..client.driver import DriverConfig, PolicyDriver
+from ..data.video import VideoWriter
 from ..errors import ConfigError, ValidationError
 from ..policies.base import BasePolicy
-from .adapter import EnvPolicyAdapter, KeyMap
-from .chunking import ActionChunker, ChunkingConfig
-from .video import VideoWriter, compose_frame
+from .envs import EnvConfig, batch_observations, make_envs
+from .frames import compose_frame
+from .rollout import config_dict
 
 SIDES = ("model", "replay")
 
@@ -33,28 +38,22 @@ class ModalityMismatchError(ConfigError):
     """A server's modality config does not fit the env (missing observation key, wrong action size)."""
 
 
-class ReplaySyncError(ConfigError):
-    """The replay server's cursor is not at the step the replay env is at (execution horizon mismatch)."""
+class PolicyRoleError(ConfigError):
+    """The replay policy is not a replay, or the model policy is one (swapped servers)."""
 
 
 @dataclass
 class ComparisonConfig:
     """Which demo state to start from, how long to run and where to write the outputs."""
 
-    task: str = "stack"
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(task="stack"))
+    driver: DriverConfig = field(default_factory=lambda: DriverConfig(n_action_steps=1))
+    """How the model side runs (``n_action_steps`` model actions per model query, key map, options, async)."""
     hdf5_path: str = ""
     demo_index: int = 0
     start_step: int = 0
     max_steps: int | None = None
     """Default: the rest of the demo (``num_samples - start_step``)."""
-    n_action_steps: int = 1
-    """Model actions executed per model query."""
-    replay_action_steps: int = 1
-    """Replay actions executed per replay query: the replay server's ``--execution-horizon``."""
-    camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
-    camera_size: tuple[int, int] = (128, 128)
-    render_settings: str = "fast"
-    key_map: KeyMap = field(default_factory=KeyMap)
     eef_threshold: float = 0.02
     """Metres between the two end effectors that count as diverged."""
     action_threshold: float = 0.1
@@ -62,7 +61,6 @@ class ComparisonConfig:
     output_dir: str | None = None
     video: bool = True
     fps: int = 20
-    action_options: dict[str, Any] | None = None
     progress: bool = True
 
 
@@ -143,102 +141,93 @@ def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) ->
 
 
 class _Side:
-    """One policy driving one env: adapter, chunker, last observation."""
+    """One policy driving one env through a driver; the env's latest observation and success."""
 
-    def __init__(self, name: str, policy: BasePolicy, env: Any, config: ComparisonConfig, n_action_steps: int,
-                 cursor: int | None = None):
+    def __init__(self, name: str, policy: BasePolicy, env: Any, driver_config: DriverConfig) -> None:
         self.name, self.policy, self.env = name, policy, env
-        self.n_action_steps = n_action_steps
-        self.cursor = cursor
-        """For a replay side: the demo step its env is at, checked against the server's ``current_step``."""
         try:
-            self.adapter = EnvPolicyAdapter(policy.get_modality_config(), 1, config.key_map)
+            self.driver = PolicyDriver(policy, 1, driver_config, action_dim=int(env.action_space.shape[0]))
         except ConfigError as exc:
             raise ModalityMismatchError(f"{name} server's modality config is not usable: {exc}") from exc
-        self.chunker = ActionChunker(1, ChunkingConfig(n_action_steps))
-        self.action_dim = int(env.action_space.shape[0])
-        self.options = config.action_options
+        self.keys = list(dict.fromkeys(self.driver.adapter.required_env_keys().values()))
         self.obs: dict[str, Any] = {}
         self.success = False
 
-    def start(self, obs: dict[str, Any], reset_options: dict[str, Any]) -> None:
-        self.obs = obs
+    def start(self, obs: dict[str, Any], success: bool, reset_options: dict[str, Any]) -> None:
+        self.obs, self.success = obs, success
         try:
-            self.adapter.check_env_observation(obs)
+            self.driver.adapter.check_env_observation(obs)
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's modality config does not match the env: {exc}") from exc
-        self.adapter.push(obs, 0)
-        self.policy.reset(reset_options)
+        self.driver.reset([0], reset_options)
 
     def next_action(self) -> np.ndarray:
-        if self.chunker.needs_query([0]):
-            action, info = self.policy.get_action(self.adapter.build(), self.options)
-            self._check_cursor(info)
-            try:
-                chunk = self.adapter.to_env_actions(action, self.action_dim)
-            except ValidationError as exc:
-                raise ModalityMismatchError(f"{self.name} server's actions do not match the env: {exc}") from exc
-            self.chunker.set_chunks(chunk, [0])
-        return self.chunker.pop(0)
+        try:
+            return self.driver.act(batch_observations([self.obs], self.keys))[0]
+        except ValidationError as exc:
+            raise ModalityMismatchError(f"{self.name} server's actions do not match the env: {exc}") from exc
 
-    def _check_cursor(self, info: Any) -> None:
-        served = info.get("current_step") if self.cursor is not None and isinstance(info, dict) else None
-        if isinstance(served, list):
-            served = served[0] if served else None
-        if served is not None and int(served) != self.cursor:
-            raise ReplaySyncError(
-                f"{self.name} server answered the chunk for step {served} but its env is at step {self.cursor}: "
-                f"the server advances its cursor by its --execution-horizon per get_action while this side "
-                f"executes {self.n_action_steps} action(s) per query; start the replay server with "
-                f"--execution-horizon {self.n_action_steps} or pass --replay-action-steps equal to its horizon"
-            )
+    @property
+    def serves_replay(self) -> bool:
+        """Whether the policy's latest reply says ``"replay": True``."""
+        return self.driver.last_info.get("replay") is True
+
+    @property
+    def where(self) -> str:
+        return str(getattr(self.policy, "address", type(self.policy).__name__))
 
     def step(self, action: np.ndarray) -> None:
-        if self.cursor is not None:
-            self.cursor += 1
         self.obs, _, _, _, info = self.env.step(action)
         self.success = bool(info.get("success", False))
-        self.adapter.push(self.obs, 0)
+
+    def close(self) -> None:
+        self.driver.close()
 
 
 def _first(values: list[float], threshold: float) -> int | None:
     return next((i for i, v in enumerate(values) if v > threshold), None)
 
 
+def _check_roles(model: _Side, replay: _Side) -> None:
+    """The replay policy's replies must say ``"replay": True`` and the model policy's must not."""
+    if model.serves_replay and not replay.serves_replay:
+        raise PolicyRoleError(f"the model and replay servers are swapped: the replay policy ({replay.where}) is not a "
+                              f"replay and the model policy ({model.where}) is one (its replies say 'replay': True)")
+    if not replay.serves_replay:
+        raise PolicyRoleError(f"the replay policy ({replay.where}) is not a replay: its replies do not say "
+                              "'replay': True (is it a replay server?)")
+    if model.serves_replay:
+        raise PolicyRoleError(f"the model policy ({model.where}) serves a replay (its replies say 'replay': True); "
+                              "compare a model against the replay")
+
+
 def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConfig,
                    envs: tuple[Any, Any] | None = None) -> ComparisonResult:
     """Run the comparison; writes traces/figure/video under ``config.output_dir`` when set."""
-    from ..registry import parse_modality_configs
-    from ..sim.envs import CAMERAS, make_env
     from ..sim.recorder import load_demo_state
 
     length = check_demo_range(config.hdf5_path, config.demo_index, config.start_step)
     max_steps = config.max_steps or (length - config.start_step)
+    replay_config = DriverConfig(n_action_steps=1, key_map=config.driver.key_map)
+    video_keys = [k for policy in (model, replay) for k in policy.get_modality_config()["video"].modality_keys]
     own_envs = envs is None
     if envs is None:
-        cams: list[str] = []
-        for policy in (model, replay):
-            video_keys = parse_modality_configs(dict(policy.get_modality_config()))["video"].modality_keys
-            cams += [config.key_map.env_key("video", k) for k in video_keys]
-        if config.video and config.output_dir:
-            cams += list(config.camera_names)
-        cams = [c for c in dict.fromkeys(cams) if c in CAMERAS]
-        envs = tuple(make_env(config.task, camera_names=tuple(cams), camera_size=config.camera_size,
-                              max_episode_steps=max_steps + 1, terminate_on_success=False,
-                              render_settings=config.render_settings) for _ in range(2))  # type: ignore[assignment]
-    assert envs is not None
+        built = make_envs(config.env, 2, video_keys=video_keys, key_map=config.driver.key_map,
+                          videos=config.video and bool(config.output_dir), max_episode_steps=max_steps + 1,
+                          terminate_on_success=False)
+        envs = (built[0], built[1])
     started = time.perf_counter()
     writer: VideoWriter | None = None
     out = Path(config.output_dir) if config.output_dir else None
+    sides: list[_Side] = []
     try:
-        sides = [_Side("model", model, envs[0], config, config.n_action_steps),
-                 _Side("replay", replay, envs[1], config, config.replay_action_steps, cursor=config.start_step)]
+        sides.append(_Side("model", model, envs[0], config.driver))
+        sides.append(_Side("replay", replay, envs[1], replay_config))
         state = load_demo_state(config.hdf5_path, config.demo_index, config.start_step)
-        reset_options = {"episode_index": config.demo_index, "step_index": config.start_step}
+        reset_options = {"demo_index": config.demo_index, "step_index": config.start_step}
         for side in sides:
             obs, info = side.env.reset(options={"state": state})
-            side.success = bool(info.get("success", False))
-            side.start(obs, reset_options)
+            side.start(obs, bool(info.get("success", False)), reset_options)
         if out is not None and config.video:
             writer = VideoWriter(out / "comparison.mp4", fps=config.fps)
         records: list[StepRecord] = []
@@ -250,6 +239,8 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         try:
             for t in range(max_steps):
                 actions = [side.next_action() for side in sides]
+                if t == 0:
+                    _check_roles(*sides)
                 eefs = [np.asarray(side.obs["eef_pos"], dtype=np.float64) for side in sides]
                 _write_frame(writer, sides, config, t)
                 for side, action in zip(sides, actions):
@@ -261,10 +252,12 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             if bar is not None:
                 bar.close()
         _write_frame(writer, sides, config, max_steps)
-        dims = dict(sides[1].adapter.action_dims or sides[0].adapter.action_dims or {})
+        dims = dict(sides[1].driver.adapter.action_dims or sides[0].driver.adapter.action_dims or {})
     finally:
         if writer is not None:
             writer.close()
+        for side in sides:
+            side.close()
         if own_envs:
             for env in envs:
                 env.close()
@@ -272,24 +265,18 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         records, list(dims), dims,
         _first([r.eef_distance for r in records], config.eef_threshold),
         _first([max(r.action_diff.values(), default=0.0) for r in records], config.action_threshold),
-        _config_dict(config), seconds=time.perf_counter() - started,
+        config_dict(config), seconds=time.perf_counter() - started,
     )
     if out is not None:
         result.files = save_outputs(result, out)
-        if writer is not None and writer.frames:
+        if writer is not None and writer.num_frames:
             result.files["video"] = str(writer.path)
         (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
 
 
-def _config_dict(config: ComparisonConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data["key_map"] = asdict(config.key_map)
-    return data
-
-
 def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray], sides: list[_Side]) -> StepRecord:
-    dims = sides[1].adapter.action_dims or {}
+    dims = sides[1].driver.adapter.action_dims or {}
     diff: dict[str, float] = {}
     offset = 0
     for key, dim in dims.items():
@@ -307,7 +294,7 @@ def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray
 def _write_frame(writer: VideoWriter | None, sides: list[_Side], config: ComparisonConfig, t: int) -> None:
     if writer is None:
         return
-    images = [side.obs[c] for side in sides for c in config.camera_names if c in side.obs]
+    images = [side.obs[c] for side in sides for c in config.env.camera_names if c in side.obs]
     if images:
         text = [f"left: model | right: replay  (demo {config.demo_index}, step {config.start_step + t})",
                 f"success model {int(sides[0].success)} replay {int(sides[1].success)}"]
@@ -365,17 +352,25 @@ def plot_comparison(result: ComparisonResult, path: str | Path) -> None:
         ax.plot(steps, r, "--", label="replay", color="tab:orange")
         ax.set_title(name, fontsize=9)
     dist_ax = flat[len(series)]
-    dist_ax.plot(steps, [s.eef_distance for s in result.steps], color="tab:red")
-    dist_ax.axhline(result.config.get("eef_threshold", 0.0), color="gray", lw=0.8, ls=":")
+    dist_ax.plot(steps, [s.eef_distance for s in result.steps], color="tab:red", label="eef distance")
+    dist_ax.axhline(result.config.get("eef_threshold", 0.0), color="gray", lw=0.8, ls=":",
+                    label=f"divergence threshold {result.config.get('eef_threshold', 0.0):g} m")
     dist_ax.set_title("eef distance model-replay (m)", fontsize=9)
-    for ax in flat[: len(series) + 1]:
+    used = flat[: len(series) + 1]
+    for ax in used:
         if result.divergence_step is not None:
-            ax.axvline(result.divergence_step, color="red", lw=1.0, ls="-.")
+            ax.axvline(result.divergence_step, color="red", lw=1.0, ls="-.", label="eef divergence")
         if result.action_divergence_step is not None:
-            ax.axvline(result.action_divergence_step, color="purple", lw=0.8, ls=":")
+            ax.axvline(result.action_divergence_step, color="purple", lw=0.8, ls=":", label="action divergence")
+    start = result.config.get("start_step", 0)
+    for i, ax in enumerate(used):
+        if i + cols >= len(used):  # bottom panel of its column
+            ax.set_xlabel(f"step since demo step {start}", fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
     for ax in flat[len(series) + 1:]:
         ax.axis("off")
     flat[0].legend(fontsize=8)
+    dist_ax.legend(fontsize=7)
     div = "none" if result.divergence_step is None else str(result.divergence_step)
     adiv = "none" if result.action_divergence_step is None else str(result.action_divergence_step)
     cfg: Mapping[str, Any] = result.config

@@ -1,17 +1,14 @@
 """Closed-loop evaluation of a policy (local or behind a server) in the Franka envs.
 
-``run_rollout(policy, RolloutConfig(...)) -> RolloutReport``. ``n_envs`` envs are stepped in lockstep in
-this process; each policy query is one batch over all envs. Episode ``k`` (0-based) is seeded
-``seed + k`` (or starts from demo ``demo_indices[k]``'s recorded initial state), whichever env runs it,
-and episodes are handed to envs as they free up until exactly ``n_episodes`` have run, so a
-deterministic policy gives the same per-episode results for any ``n_envs``.
-
-Chunks are executed with a receding horizon (see :mod:`policyserve.eval.chunking`). All running envs
-query together: an env that finishes mid-chunk is reset at once and waits (without stepping) for the
-others to use up their chunk, then gets a fresh chunk in the next batched query. Before that query the
-policy is ``reset`` with ``{"env_ids": [...]}`` for the envs that started a new episode (plus per-env
-``episode_index``/``step_index`` lists when replaying demos), so stateful policies (replay, scripted
-experts) start each episode fresh without disturbing the other envs.
+``run_rollout(policy, RolloutConfig(...)) -> RolloutReport``. ``n_envs`` envs are stepped together in this
+process by one :class:`~policyserve.client.driver.PolicyDriver` (batched queries, per-env action queues,
+optional temporal ensembling or async inference). Episode ``k`` (0-based) is seeded ``seed + k`` (or starts
+from demo ``demo_indices[k]``'s recorded initial state), whichever env runs it, and episodes are handed to
+envs as they free up until exactly ``n_episodes`` have run. An env that finishes is reset at once and the
+driver resets the policy for that env only (``{"env_ids": [i]}``, plus ``episode_index``/``step_index`` when
+replaying demos), so stateful policies (replay, scripted experts) start each episode fresh without disturbing
+the other envs. Every env's chunks follow its own episode, so in sync mode a deterministic policy gives the
+same per-episode results for any ``n_envs``.
 """
 
 from __future__ import annotations
@@ -26,30 +23,24 @@ from typing import Any
 
 import numpy as np
 
+from ..client.driver import DriverConfig, PolicyDriver
+from ..data.video import VideoWriter
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
-from .adapter import EnvPolicyAdapter, KeyMap
-from .chunking import ActionChunker, ChunkingConfig
-from .video import VideoWriter, compose_frame
+from .envs import EnvConfig, batch_observations, make_envs
+from .frames import compose_frame
 
 
 @dataclass
 class RolloutConfig:
     """What to evaluate and how (see module docstring)."""
 
-    task: str = "lift"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    driver: DriverConfig = field(default_factory=DriverConfig)
     n_episodes: int = 10
     n_envs: int = 1
-    n_action_steps: int = 8
     max_episode_steps: int = 300
     seed: int = 0
-    ensemble_coef: float | None = None
-    camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
-    camera_size: tuple[int, int] = (128, 128)
-    render_settings: str = "fast"
-    key_map: KeyMap = field(default_factory=KeyMap)
-    action_options: dict[str, Any] | None = None
-    """Options sent with every ``get_action`` (e.g. ``{"seed": 0}`` for a deterministic model server)."""
     hdf5_path: str | None = None
     demo_indices: list[int] | None = None
     """With ``hdf5_path``: episode k starts from demo ``demo_indices[k % len]``'s initial state, and the policy
@@ -64,7 +55,7 @@ class RolloutConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("n_episodes", "n_envs", "n_action_steps", "max_episode_steps"):
+        for name in ("n_episodes", "n_envs", "max_episode_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -72,8 +63,6 @@ class RolloutConfig:
             raise ConfigError("demo_indices need hdf5_path (the recorded demos to start from)")
         if self.hdf5_path and not self.demo_indices:
             self.demo_indices = [0]
-        self.camera_names = tuple(self.camera_names)
-        self.camera_size = (int(self.camera_size[0]), int(self.camera_size[1]))
 
 
 @dataclass
@@ -163,9 +152,15 @@ class RolloutReport:
                 f"[{lo:.3f}, {hi:.3f}]), mean return {self.mean_return:.3f}, mean steps {self.mean_steps:.1f}")
 
 
-def _config_dict(config: RolloutConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data["key_map"] = asdict(config.key_map)
+def config_dict(*configs: Any) -> dict[str, Any]:
+    """The fields of evaluation configs as one flat JSON-ready dict (env and driver fields inlined)."""
+    data: dict[str, Any] = {}
+    for config in configs:
+        for key, value in asdict(config).items():
+            if key in ("env", "driver"):
+                data.update(value)
+            else:
+                data[key] = value
     return data
 
 
@@ -174,38 +169,29 @@ class _Slot:
     """The episode an env is running."""
 
     result: EpisodeResult
+    obs: dict[str, Any]
     writer: VideoWriter | None = None
     text: str = ""
 
 
 class _Runner:
-    """State of one rollout: envs, adapter, chunker, the episode each env runs, timing."""
+    """State of one rollout: envs, the driver, the episode each env runs, timing."""
 
-    def __init__(self, policy: BasePolicy, config: RolloutConfig, envs: Sequence[Any],
+    def __init__(self, driver: PolicyDriver, config: RolloutConfig, envs: Sequence[Any],
                  template: Any | None = None) -> None:
-        self.policy, self.config, self.envs, self.template = policy, config, list(envs), template
+        self.driver, self.config, self.envs, self.template = driver, config, list(envs), template
         self.n_envs = len(self.envs)
-        self.adapter = EnvPolicyAdapter(policy.get_modality_config(), self.n_envs, config.key_map)
-        self.chunker = ActionChunker(self.n_envs, ChunkingConfig(config.n_action_steps, config.ensemble_coef))
-        self.action_dim = int(self.envs[0].action_space.shape[0])
+        self.keys = list(dict.fromkeys(driver.adapter.required_env_keys().values()))
         self.slots: list[_Slot | None] = [None] * self.n_envs
+        self.last_obs: list[dict[str, Any]] = [{} for _ in range(self.n_envs)]
         self.results: list[EpisodeResult] = []
         self.next_episode = 0
-        self.pending_resets: set[int] = set()
-        self.demo_of_env: list[int] = [0] * self.n_envs
-        self.episode_lengths: list[int] | None = None
-        self.policy_time = self.env_time = 0.0
-        self.queries = self.env_steps = 0
+        self.env_time = 0.0
+        self.env_steps = 0
         self.bar: Any = None
 
-    # ---------------------------------------------------------------- episodes
-    def _initial_state(self, demo_index: int) -> dict[str, Any]:
-        from ..sim.recorder import load_demo_state
-
-        return load_demo_state(self.config.hdf5_path, demo_index, 0)
-
     def start_episode(self, env_id: int) -> None:
-        """Give env ``env_id`` the next episode (reset it), or mark it idle when all have been handed out."""
+        """Give env ``env_id`` the next episode (reset it and the driver for it), or mark it idle."""
         cfg = self.config
         if self.next_episode >= cfg.n_episodes:
             self.slots[env_id] = None
@@ -217,30 +203,31 @@ class _Runner:
         demo = None
         t0 = time.perf_counter()
         if cfg.demo_indices:
+            from ..sim.recorder import load_demo_state
+
             demo = cfg.demo_indices[k % len(cfg.demo_indices)]
-            self.demo_of_env[env_id] = demo
-            obs, info = env.reset(seed=seed, options={"state": self._initial_state(demo)})
-        elif self.template is not None:
-            self.template.reset(seed=seed)
-            obs, info = env.reset(seed=seed, options={"state": self.template.get_state()})
+            obs, info = env.reset(seed=seed, options={"state": load_demo_state(cfg.hdf5_path, demo, 0)})
+            self.driver.reset([env_id], {"episode_index": demo, "step_index": 0})
         else:
-            obs, info = env.reset(seed=seed)
+            if self.template is not None:
+                self.template.reset(seed=seed)
+                obs, info = env.reset(seed=seed, options={"state": self.template.get_state()})
+            else:
+                obs, info = env.reset(seed=seed)
+            self.driver.reset([env_id])
         self.env_time += time.perf_counter() - t0
-        self.adapter.reset([env_id])
-        self.adapter.push(obs, env_id)
-        self.chunker.reset([env_id])
-        self.pending_resets.add(env_id)
         result = EpisodeResult(k, seed, bool(info.get("success", False)), 0, 0.0, env_id, demo)
-        slot = _Slot(result, text=str(getattr(env.unwrapped, "task_description", obs.get("task", ""))))
+        slot = _Slot(result, obs, text=str(getattr(env.unwrapped, "task_description", obs.get("task", ""))))
         if cfg.video_dir and (cfg.max_videos is None or k < cfg.max_videos):
             slot.writer = VideoWriter(Path(cfg.video_dir) / f"episode_{k:03d}.mp4", fps=cfg.fps)
         self.slots[env_id] = slot
-        self._record_frame(slot, obs)
+        self.last_obs[env_id] = obs
+        self._record_frame(slot)
 
-    def _record_frame(self, slot: _Slot, obs: dict[str, Any]) -> None:
+    def _record_frame(self, slot: _Slot) -> None:
         if slot.writer is None:
             return
-        images = [obs[c] for c in self.config.camera_names if c in obs]
+        images = [slot.obs[c] for c in self.config.env.camera_names if c in slot.obs]
         if images:
             r = slot.result
             slot.writer.write(compose_frame(images, [slot.text, f"ep {r.episode} step {r.steps} "
@@ -253,7 +240,7 @@ class _Runner:
         if slot.writer is not None:
             slot.writer.close()
             final = slot.writer.path.with_name(f"episode_{result.episode:03d}_s{int(result.success)}.mp4")
-            if slot.writer.frames:
+            if slot.writer.num_frames:
                 slot.writer.path.replace(final)
                 result.video = str(final)
         self.results.append(result)
@@ -264,42 +251,9 @@ class _Runner:
                            f"return={result.reward:.2f}")
         self.start_episode(env_id)
 
-    # ---------------------------------------------------------------- policy
-    def reset_options(self, env_ids: list[int]) -> dict[str, Any]:
-        """Per-env reset options: ``env_ids``, plus replay positions of every env when starting from demos."""
-        options: dict[str, Any] = {"env_ids": env_ids}
-        if self.config.demo_indices:
-            steps = []
-            for i, slot in enumerate(self.slots):
-                step = 0 if slot is None or i in env_ids else slot.result.steps
-                if self.episode_lengths is not None:
-                    step = min(step, self.episode_lengths[i] - 1)
-                steps.append(step)
-            options["episode_index"] = list(self.demo_of_env)
-            options["step_index"] = steps
-        return options
-
-    def query(self) -> None:
-        """One batched ``get_action`` for all envs; running envs get a fresh chunk."""
-        if self.pending_resets:
-            self.policy.reset(self.reset_options(sorted(self.pending_resets)))
-            self.pending_resets.clear()
-        observation = self.adapter.build()
-        t0 = time.perf_counter()
-        action, info = self.policy.get_action(observation, self.config.action_options)
-        self.policy_time += time.perf_counter() - t0
-        self.queries += 1
-        lengths = info.get("episode_length") if isinstance(info, dict) else None
-        if isinstance(lengths, list) and len(lengths) == self.n_envs:
-            self.episode_lengths = [int(n) for n in lengths]
-        chunks = self.adapter.to_env_actions(action, self.action_dim)
-        self.chunker.set_chunks(chunks, [i for i, s in enumerate(self.slots) if s is not None])
-
-    # ---------------------------------------------------------------- loop
-    def step_env(self, env_id: int) -> None:
+    def step_env(self, env_id: int, action: np.ndarray) -> None:
         slot = self.slots[env_id]
         assert slot is not None
-        action = self.chunker.pop(env_id)
         t0 = time.perf_counter()
         obs, reward, terminated, truncated, info = self.envs[env_id].step(action)
         self.env_time += time.perf_counter() - t0
@@ -308,46 +262,28 @@ class _Runner:
         r.steps += 1
         r.reward += float(reward)
         r.success = r.success or bool(info.get("success", False))
-        self._record_frame(slot, obs)
+        slot.obs = obs
+        self.last_obs[env_id] = obs
+        self._record_frame(slot)
         if terminated or truncated or r.steps >= self.config.max_episode_steps:
             self.finish_episode(env_id)
-        else:
-            self.adapter.push(obs, env_id)
 
     def run(self) -> list[EpisodeResult]:
         for env_id in range(self.n_envs):
             self.start_episode(env_id)
         while True:
-            running = [i for i, s in enumerate(self.slots) if s is not None]
-            if not running:
+            active = [s is not None for s in self.slots]
+            if not any(active):
                 break
-            if self.chunker.needs_query(running):
-                self.query()
-            for env_id in running:
-                if self.chunker.remaining(env_id) > 0:
-                    self.step_env(env_id)
+            actions = self.driver.act(batch_observations(self.last_obs, self.keys), active)
+            for env_id in np.flatnonzero(active):
+                self.step_env(int(env_id), actions[env_id])
         return sorted(self.results, key=lambda r: r.episode)
 
     def close(self) -> None:
         for slot in self.slots:
             if slot is not None and slot.writer is not None:
                 slot.writer.close()
-
-
-def make_envs(config: RolloutConfig, video_keys: Sequence[str] = (), n_envs: int | None = None) -> list[Any]:
-    """``n_envs`` Franka envs rendering only the cameras the policy (``video_keys``, mapped) or videos need."""
-    from ..sim.envs import CAMERAS, make_env
-
-    cams = [config.key_map.env_key("video", k) for k in video_keys]
-    if config.video_dir:
-        cams += list(config.camera_names)
-    cams = [c for c in dict.fromkeys(cams) if c in CAMERAS]
-    return [
-        make_env(config.task, camera_names=tuple(cams), camera_size=config.camera_size,
-                 max_episode_steps=config.max_episode_steps, terminate_on_success=True,
-                 render_settings=config.render_settings)
-        for _ in range(n_envs or config.n_envs)
-    ]
 
 
 def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any] | None = None,
@@ -358,43 +294,54 @@ def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any
     policy. ``envs`` (a list of Franka envs) overrides the ones built from ``config`` (at most
     ``n_episodes`` of them are used); envs passed in are not closed.
     """
-    from ..registry import parse_modality_configs
-
-    configs = parse_modality_configs(dict(policy.get_modality_config()), "policy modality config")
     n_envs = min(config.n_envs, config.n_episodes)
-    own_envs = envs is None
-    env_list = make_envs(config, configs["video"].modality_keys, n_envs) if envs is None else list(envs)[:n_envs]
-    template = None
-    if own_envs and config.shared_initial_states and not config.demo_indices:
-        from ..sim.envs import make_env
-
-        template = make_env(config.task, camera_names=(), max_episode_steps=config.max_episode_steps)
-    runner = _Runner(policy, config, env_list, template)
-    start = time.perf_counter()
+    driver = PolicyDriver(policy, n_envs, config.driver)
+    own_envs: list[Any] = []
     try:
-        if config.progress:
-            from tqdm.auto import tqdm
+        if envs is None:
+            env_list = make_envs(config.env, n_envs, video_keys=driver.adapter.video_keys,
+                                 key_map=config.driver.key_map, videos=bool(config.video_dir),
+                                 max_episode_steps=config.max_episode_steps)
+            own_envs += env_list
+        else:
+            env_list = list(envs)[:n_envs]
+        template = None
+        if own_envs and config.shared_initial_states and not config.demo_indices:
+            from ..sim.envs import make_env
 
-            runner.bar = tqdm(total=config.n_episodes, desc=f"rollout {config.task}", unit="ep")
-        results = runner.run()
+            template = make_env(config.env.task, camera_names=(), max_episode_steps=config.max_episode_steps)
+            own_envs.append(template)
+        driver.action_dim = int(env_list[0].action_space.shape[0])
+        runner = _Runner(driver, config, env_list, template)
+        start = time.perf_counter()
+        try:
+            if config.progress:
+                from tqdm.auto import tqdm
+
+                runner.bar = tqdm(total=config.n_episodes, desc=f"rollout {config.env.task}", unit="ep")
+            results = runner.run()
+        finally:
+            runner.close()
+            if runner.bar is not None:
+                runner.bar.close()
+        wall = time.perf_counter() - start
     finally:
-        runner.close()
-        if runner.bar is not None:
-            runner.bar.close()
-        if own_envs:
-            for env in env_list + ([template] if template is not None else []):
-                env.close()
-    wall = time.perf_counter() - start
+        driver.close()
+        for env in own_envs:
+            env.close()
+    stats = driver.stats
     timing = {
         "wall_s": wall,
         "env_steps": runner.env_steps,
         "env_steps_per_s": runner.env_steps / wall if wall > 0 else 0.0,
-        "policy_queries": runner.queries,
-        "policy_time_s": runner.policy_time,
-        "policy_share": runner.policy_time / wall if wall > 0 else 0.0,
+        "policy_queries": stats.queries,
+        "policy_time_s": stats.policy_time_s,
+        "policy_share": stats.policy_time_s / wall if wall > 0 else 0.0,
+        "policy_wait_s": stats.wait_time_s,
+        "policy_wait_share": stats.wait_time_s / wall if wall > 0 else 0.0,
         "env_time_s": runner.env_time,
     }
-    report = RolloutReport(results, _config_dict(config), timing)
+    report = RolloutReport(results, config_dict(config), timing)
     if report_path is not None:
         report.save_json(report_path)
     return report

@@ -117,14 +117,14 @@ def resolve_device(device: str | int | None) -> Any:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); use --device cpu"
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); use device='cpu'"
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ConfigError(f"device {device!r} does not exist: {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"device {device!r} requested but MPS is not available; use --device cpu")
+            raise ConfigError(f"device {device!r} requested but MPS is not available; use device='cpu'")
     elif dev.type != "cpu":
         raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return dev

@@ -145,7 +145,7 @@ class Trainer:
             if self.bundle.model_config != fresh.model_config:
                 raise ConfigError(
                     f"{self.resumed_from} was trained with a different model config; "
-                    "pass --no-resume or use another --output-dir"
+                    "set resume=False or use another output_dir"
                 )
         else:
             self.bundle = fresh

@@ -4,7 +4,9 @@ Each ``get_action`` returns the chunk ``actions[cursor : cursor + H]`` of the cu
 ``delta_indices[-1] - delta_indices[0] + 1``), padded with the last recorded action past the end and tiled to the
 batch size, then advances the cursor by ``execution_horizon``. ``reset`` selects the episode (or the HDF5 demo,
 through the dataset's demo map) and start step; a list of indices replays a different episode in each of B
-environments.
+environments, and ``env_ids`` resets some envs only (the others keep their cursors). Every reply's ``info``
+says ``"replay": True`` and the ``execution_horizon``, so clients can follow the cursor (GR00T clients ignore
+extra info keys).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class ReplayPolicy(BasePolicy):
             raise ConfigError(
                 f"execution_horizon ({execution_horizon}) must not exceed the action horizon ({self.action_horizon}, "
                 "from the action delta_indices): the client would execute actions the server never sent. "
-                "Lower --execution-horizon or raise --action-horizon."
+                "Lower execution_horizon or lengthen the action delta_indices."
             )
         self.execution_horizon = execution_horizon
         if not self.dataset.num_episodes:
@@ -159,6 +161,8 @@ class ReplayPolicy(BasePolicy):
         done = [s + advance >= n for s, n in zip(self._steps, lengths, strict=True)]
         if self._per_env:
             return {
+                "replay": True,
+                "execution_horizon": self.execution_horizon,
                 "current_step": list(self._steps),
                 "episode_index": list(self._episodes),
                 "episode_length": lengths,
@@ -166,6 +170,8 @@ class ReplayPolicy(BasePolicy):
                 "episode_done": done,
             }
         return {
+            "replay": True,
+            "execution_horizon": self.execution_horizon,
             "current_step": self._steps[0],
             "episode_index": self._episodes[0],
             "episode_length": lengths[0],
@@ -180,16 +186,20 @@ class ReplayPolicy(BasePolicy):
 
         ``options["demo_index"]`` (an int or a list) instead names HDF5 demos ``demo_N``, found through the
         dataset's ``meta/hdf5_demo_map.json`` (:meth:`LeRobotDataset.episode_for_demo`).
-        Without options the current episode(s) restart at step 0. Bad indices raise :class:`ReplayError` (or
-        :class:`DatasetError` for unknown episodes) and leave the replay position unchanged.
+        Without options the current episode(s) restart at step 0. With ``options["env_ids"]`` only those envs
+        are reset (lists then hold one entry per listed env; a ``None`` episode keeps the env's episode) and the
+        others keep their cursors. Bad indices raise :class:`ReplayError` (or :class:`DatasetError` for unknown
+        episodes) and leave the replay position unchanged.
         """
         options = options or {}
         if not isinstance(options, dict):
             raise ReplayError(f"reset options must be a dict, got {type(options).__name__}")
-        per_env = self._per_env
-        episodes = list(self._episodes)
         if options.get("episode_index") is not None and options.get("demo_index") is not None:
             raise ReplayError("give either options['episode_index'] or options['demo_index'], not both")
+        if options.get("env_ids") is not None:
+            return self._reset_envs(options)
+        per_env = self._per_env
+        episodes = list(self._episodes)
         for name in ("episode_index", "demo_index"):
             if options.get(name) is None:
                 continue
@@ -218,6 +228,40 @@ class ReplayPolicy(BasePolicy):
                     f"valid steps are 0..{length - 1}"
                 )
         self._episodes, self._steps, self._per_env = episodes, steps, per_env
+        return self._info(advance=0)
+
+    def _reset_envs(self, options: dict) -> Info:
+        """``reset`` of the envs listed in ``options["env_ids"]`` only."""
+        value = options["env_ids"]
+        ids = [_as_index(i, "options['env_ids']") for i in (value if isinstance(value, (list, tuple, np.ndarray))
+                                                               else [value])]
+        if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+            raise ReplayError(f"options['env_ids'] must be distinct env indices >= 0, got {ids}")
+
+        def per_env(key: str, default: Any) -> list[Any]:
+            entry = options.get(key, default)
+            if isinstance(entry, (list, tuple, np.ndarray)):
+                if len(entry) != len(ids):
+                    raise ReplayError(f"options[{key!r}] has {len(entry)} entries for {len(ids)} env_ids {ids}")
+                return list(entry)
+            return [entry] * len(ids)
+
+        n_envs = max(len(self._episodes) if self._per_env else 1, max(ids) + 1)
+        episodes = list(self._episodes) + [self._episodes[-1]] * (n_envs - len(self._episodes))
+        steps = list(self._steps) + [self._steps[-1]] * (n_envs - len(self._steps))
+        demos = per_env("demo_index", None)
+        for i, episode, demo, step in zip(ids, per_env("episode_index", None), demos, per_env("step_index", 0),
+                                          strict=True):
+            if demo is not None:
+                episode = self.dataset.episode_for_demo(_as_index(demo, "options['demo_index']"))
+            episode = episodes[i] if episode is None else _as_index(episode, "options['episode_index']")
+            step = 0 if step is None else _as_index(step, "options['step_index']")
+            length = self._length(episode)  # DatasetError names the valid indices
+            if not 0 <= step < length:
+                raise ReplayError(f"step_index {step} is out of range for episode {episode} (length {length}); "
+                                  f"valid steps are 0..{length - 1}")
+            episodes[i], steps[i] = episode, step
+        self._episodes, self._steps, self._per_env = episodes, steps, True
         return self._info(advance=0)
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import zmq
 
-from ..errors import PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError
+from ..errors import ConfigError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError
 from ..policies.base import Action, BasePolicy, Info, Observation
+from ..registry import parse_modality_configs
 from ..types import ModalityConfigs
 from .codec import packb, unpackb
 
@@ -117,9 +118,17 @@ class PolicyClient(BasePolicy):
             return False
 
     def get_modality_config(self) -> ModalityConfigs:
+        """The server's ``{modality: ModalityConfig}``, fetched and parsed once.
+
+        Raises :class:`ProtocolError` when the reply is not a config of the four modalities.
+        """
         if self._modality_config is None:
-            self._modality_config = self.call_endpoint("get_modality_config", requires_input=False)
-        return self._modality_config
+            reply = self.call_endpoint("get_modality_config", requires_input=False)
+            try:
+                self._modality_config = parse_modality_configs(reply, f"modality config from {self.address}")
+            except ConfigError as exc:
+                raise ProtocolError(str(exc)) from exc
+        return dict(self._modality_config)
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
         reply = self.call_endpoint("get_action", {"observation": observation, "options": options})

@@ -1,4 +1,4 @@
-"""Connecting to policy servers with clear errors, and running ``policyserve serve`` as a managed subprocess."""
+"""``policyserve serve`` as a managed subprocess (for the demo workflow and benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,26 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import PolicyServeError
+from ..client.connect import ServerUnavailableError
 from ..protocol.client import PolicyClient
-
-
-class ServerUnavailableError(PolicyServeError, ConnectionError):
-    """No policy server answered at the given address (or a managed server failed to start)."""
-
-
-def connect_policy(host: str, port: int, *, api_token: str | None = None, timeout_ms: int = 15000,
-                   ping_timeout_ms: int = 3000, role: str = "policy") -> PolicyClient:
-    """A :class:`PolicyClient` to ``host:port`` that has answered a ping; else :class:`ServerUnavailableError`."""
-    client = PolicyClient(host, port, timeout_ms=ping_timeout_ms, api_token=api_token)
-    if not client.ping():
-        client.close()
-        raise ServerUnavailableError(
-            f"no {role} server answering at tcp://{host}:{port} within {ping_timeout_ms} ms; start one with "
-            f"'policyserve serve --port {port} ...' (and check --host/--port{' and --api-token' if api_token else ''})"
-        )
-    client.timeout_ms = timeout_ms
-    return client
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -184,10 +184,14 @@ class EnvPolicyAdapter:
             for buffer in self._history.values():
                 buffer.clear(int(env_id))
 
-    def push(self, obs: Mapping[str, Any], env_id: int | None = None) -> None:
-        """Record one observation: of env ``env_id`` (unbatched arrays), or of all envs (leading batch axis)."""
+    def push(self, obs: Mapping[str, Any], env_id: int | None = None, *,
+             env_ids: Sequence[int] | None = None) -> None:
+        """Record one observation: of env ``env_id`` (unbatched arrays), or of all envs (leading batch axis).
+
+        With a batched ``obs``, ``env_ids`` limits the recording to those envs (the others keep their history).
+        """
         self.check_env_observation(obs)
-        ids = range(self.n_envs) if env_id is None else [env_id]
+        ids: Sequence[int] = [env_id] if env_id is not None else range(self.n_envs) if env_ids is None else env_ids
         for (modality, key), buffer in self._history.items():
             env_key = self.key_map.env_key(modality, key)
             value = to_numpy(obs[env_key])

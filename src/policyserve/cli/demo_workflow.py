@@ -1,11 +1,12 @@
-"""``policyserve demo``: the seed workflow end to end on one machine, in a few minutes on 2 CPU cores.
+"""The ``policyserve demo`` workflow: the seed workflow end to end on one machine, in a few minutes on 2 CPU cores.
 
 1. record a few scripted demos (small cameras) to HDF5; 2. convert them to a LeRobot dataset;
 3. optionally train a tiny model on it (``model_steps > 0`` and the model extra installed);
 4. start a replay server and a "model" server (the trained checkpoint, else the scripted expert served
 over the network) as subprocesses; 5. run the model-vs-replay comparison rollout on demo 0;
 6. run a short evaluation of the model server; 7. print where the report, plot and videos are.
-Every server started here is stopped in ``finally`` (errors and Ctrl-C included).
+Every server started here is stopped in ``finally`` (errors and Ctrl-C included). It lives in the CLI layer
+because it runs ``policyserve train`` and ``policyserve serve`` as subprocesses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .servers import ServerProcess, connect_policy
+from ..client.connect import connect_policy
+from .server_process import ServerProcess
 
 
 @dataclass
@@ -87,8 +89,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Run every stage (see module docstring); returns the output paths and headline numbers."""
     from ..data.hdf5_to_lerobot import convert_hdf5_to_lerobot
     from ..sim.recorder import record_demos
-    from .compare import ComparisonConfig, run_comparison
-    from .rollout import RolloutConfig, run_rollout
+    from ..client.driver import DriverConfig
+    from ..eval.compare import ComparisonConfig, run_comparison
+    from ..eval.envs import EnvConfig
+    from ..eval.rollout import RolloutConfig, run_rollout
 
     out = Path(config.output or f"outputs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -143,19 +147,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
         clients.append(replay_client)
         lap("servers")
         _log("5/6 comparison rollout: model (env 0) vs replay (env 1) from demo 0, step 0")
+        env = EnvConfig(task=config.task, camera_size=config.camera_size)
         comparison = run_comparison(model_client, replay_client, ComparisonConfig(
-            task=config.task, hdf5_path=str(hdf5), demo_index=0, start_step=0, camera_size=config.camera_size,
-            output_dir=str(out / "compare"), progress=config.progress, n_action_steps=n_action_steps))
+            env=env, driver=DriverConfig(n_action_steps=n_action_steps), hdf5_path=str(hdf5), demo_index=0,
+            start_step=0, output_dir=str(out / "compare"), progress=config.progress))
         result.comparison = comparison.summary()
         result.files.update({f"comparison_{k}": v for k, v in comparison.files.items()})
         lap("compare")
         _log(f"6/6 evaluating the model server: {config.eval_episodes} episodes on {config.eval_envs} envs")
         report = run_rollout(model_client, RolloutConfig(
-            task=config.task, n_episodes=config.eval_episodes, n_envs=config.eval_envs,
-            n_action_steps=n_action_steps, max_episode_steps=config.max_episode_steps, seed=1000 + config.seed,
-            camera_size=config.camera_size, video_dir=str(out / "rollout" / "videos"), max_videos=2,
-            progress=config.progress, action_options={"seed": config.seed}),
-            report_path=out / "rollout" / "report.json")
+            env=env, driver=DriverConfig(n_action_steps=n_action_steps, action_options={"seed": config.seed}),
+            n_episodes=config.eval_episodes, n_envs=config.eval_envs, max_episode_steps=config.max_episode_steps,
+            seed=1000 + config.seed, video_dir=str(out / "rollout" / "videos"), max_videos=2,
+            progress=config.progress), report_path=out / "rollout" / "report.json")
         result.evaluation = {"success_rate": report.success_rate, "ci95": list(report.ci95),
                              "mean_return": report.mean_return, "summary": report.summary()}
         result.files["rollout_report"] = str(out / "rollout" / "report.json")
