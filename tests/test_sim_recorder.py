@@ -13,7 +13,7 @@ pytest.importorskip("robosuite")
 
 from policyserve.cli.main import main  # noqa: E402
 from policyserve.sim import make_env  # noqa: E402
-from policyserve.sim.recorder import load_demo_state, record_demos  # noqa: E402
+from policyserve.sim.recorder import load_demo_obs, load_demo_state, obs_max_abs_diff, record_demos  # noqa: E402
 
 pytestmark = pytest.mark.sim
 
@@ -40,6 +40,7 @@ def test_layout(demo_file: Path) -> None:
             total += n
             assert demo["actions"].shape == (n, 7) and demo["states"].shape[0] == n
             assert demo["states"].dtype == np.float64
+            assert demo["warmstarts"].shape[0] == n and demo["warmstarts"].dtype == np.float64
             assert bool(demo.attrs["success"]) and "<mujoco" in demo.attrs["model_file"]
             assert demo["obs/table_cam"].shape == (n, 32, 32, 3) and demo["obs/table_cam"].dtype == np.uint8
             assert demo["obs/eef_pos"].shape == (n, 3) and "task" not in demo["obs"]
@@ -59,7 +60,7 @@ def test_replays_open_loop_to_success(demo_file: Path) -> None:
             for t, action in enumerate(actions):
                 errors.append(np.abs(env.get_state()["states"] - states[t]).max())
                 _, _, terminated, _, info = env.step(action)
-            assert max(errors) < 1e-5
+            assert max(errors) == 0.0
             assert info["success"] and terminated
     finally:
         env.close()
@@ -86,3 +87,40 @@ def test_record_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["demos"] == 1
     with h5py.File(out, "r") as f:
         assert list(f["data"]) == ["demo_0"] and "table_cam" not in f["data/demo_0/obs"]
+
+
+def test_recorded_obs_equal_obs_after_restoring_that_step(demo_file: Path) -> None:
+    with h5py.File(demo_file, "r") as f:
+        n = int(f["data/demo_1"].attrs["num_samples"])
+        actions = f["data/demo_1/actions"][:]
+    env = make_env("lift", camera_names=("table_cam",), camera_size=(32, 32))
+    try:
+        for step in (0, 5, n // 2):
+            obs, _ = env.reset(options={"state": load_demo_state(demo_file, 1, step)})
+            recorded = load_demo_obs(demo_file, 1, step)
+            assert "table_cam" in recorded and "task" not in recorded
+            assert obs_max_abs_diff(obs, recorded) == {key: 0.0 for key in recorded}
+            for t in range(step, min(step + 3, n - 1)):  # and it goes on like the recording
+                obs = env.step(actions[t])[0]
+                assert set(obs_max_abs_diff(obs, load_demo_obs(demo_file, 1, t + 1)).values()) == {0.0}
+        obs, _ = env.reset(seed=0)
+        assert max(obs_max_abs_diff(obs, load_demo_obs(demo_file, 1, 5)).values()) > 0  # a diff can show
+        with pytest.raises(ValueError, match=r"'table_cam': recorded shape \(32, 32, 3\), env gives \(16, 16, 3\)"):
+            obs_max_abs_diff({"table_cam": np.zeros((16, 16, 3), np.uint8)}, load_demo_obs(demo_file, 1, 0))
+    finally:
+        env.close()
+
+
+def test_recordings_without_warmstarts_still_restore(demo_file: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old.hdf5"
+    old.write_bytes(demo_file.read_bytes())
+    with h5py.File(old, "a") as f:
+        del f["data/demo_0/warmstarts"]  # the layout before warm starts were recorded
+    state = load_demo_state(old, 0, 3)
+    assert "warmstart" not in state
+    env = make_env("lift", camera_names=())
+    try:
+        env.reset(options={"state": state})
+        assert np.array_equal(env.get_state()["states"], state["states"])
+    finally:
+        env.close()

@@ -88,6 +88,7 @@ class FrankaEnvConfig:
     render_settings: str | RenderSettings = "fast"
     seed: int | None = None
     control_freq: int = 20
+    model_seed: int = 0
 
     def __post_init__(self) -> None:
         self.camera_names = tuple(self.camera_names)
@@ -115,12 +116,17 @@ class FrankaEnv(gym.Env):
 
     ``info["success"]`` is the task's success check after every reset and step. Episodes terminate on
     success when ``terminate_on_success`` and truncate after ``max_episode_steps``.
-    ``reset(options={"state": s})`` restores a state from :meth:`get_state` exactly; in a vector env
-    ``options={"states": {vector_index: s, ...}}`` picks this sub-env's state. Restored simulations
-    continue exactly; the observation returned by the restoring reset is computed from freshly
-    forwarded kinematics, so it can differ slightly (< 1 mm) from the one the original step returned,
-    whose body poses lag its joint state by one physics substep (robosuite computes step observations
-    before re-running kinematics).
+
+    Every observation is a function of the simulator state the step (or reset) ends in (see
+    :mod:`policyserve.sim.robosuite_env`). ``reset(seed=s)`` gives the same start on every instance:
+    the model's own randomisation (Lift's cube size) is drawn once from ``model_seed``, the same for
+    all instances (a reset without a state goes back to that model after restoring a state that
+    brought another), and the episode's (placement, joint noise) from ``s``; ``seed`` seeds the first
+    reset that is given none. ``reset(options={"state": s})`` restores a state from :meth:`get_state`
+    exactly, in any instance or process: the restoring reset returns the observation the saving run
+    had at that point, and for the same actions the observations that follow are bitwise those of the
+    saving run. In a vector env ``options={"states": {vector_index: s, ...}}`` picks this sub-env's
+    state.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -136,12 +142,13 @@ class FrankaEnv(gym.Env):
         render_settings: str | RenderSettings = "fast",
         seed: int | None = None,
         control_freq: int = 20,
+        model_seed: int = 0,
         render_mode: str | None = None,
     ) -> None:
         self.spec_task = get_task(task)
         self.config = FrankaEnvConfig(
             tuple(camera_names), camera_size, max_episode_steps, terminate_on_success, render_settings, seed,
-            control_freq,
+            control_freq, model_seed,
         )
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"unsupported render_mode {render_mode!r}; only 'rgb_array'")
@@ -151,7 +158,8 @@ class FrankaEnv(gym.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), dtype=np.float32)
         self.observation_space = self._build_observation_space()
         self._rs: Any = None
-        self._xml: str | None = None
+        self._xml: str | None = None  # the XML the current sim was built from
+        self._own_xml: str | None = None  # the XML built from model_seed
         self._elapsed = 0
         self._pending_seed = seed
         self.vector_index = 0  # position in a vector env (set by make_vec_env)
@@ -176,14 +184,14 @@ class FrankaEnv(gym.Env):
     def _ensure_built(self) -> None:
         if self._rs is not None:
             return
-        import robosuite
+        from . import robosuite_env
 
         global _gl_context_created
         cfg = self.config
         cams = [CAMERAS[c] for c in cfg.camera_names]
         offscreen = bool(cams) or self.render_mode == "rgb_array"
         h, w = cfg.camera_size
-        self._rs = robosuite.make(
+        self._rs = robosuite_env.make(
             self.spec_task.robosuite_env,
             robots="Panda",
             has_renderer=False,
@@ -197,11 +205,16 @@ class FrankaEnv(gym.Env):
             ignore_done=True,
             hard_reset=False,
             reward_shaping=False,
-            seed=self._pending_seed,
+            seed=cfg.model_seed,  # the model's randomisation, drawn while robosuite builds it
         )
+        self._seed_episodes(self._pending_seed)
         self._pending_seed = None
         _gl_context_created = _gl_context_created or offscreen
-        self._xml = self._rs.model.get_xml()
+        self._xml = self._own_xml = self._rs.model.get_xml()
+
+    def _seed_episodes(self, seed: int | None) -> None:
+        # Reseed robosuite's generator in place: its placement sampler holds a reference to it.
+        self._rs.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
@@ -213,15 +226,18 @@ class FrankaEnv(gym.Env):
         if state is None and (options or {}).get("states") is not None:
             state = options["states"][self.vector_index]
         if state is not None:
-            self.restore_state(state)
+            obs = self.restore_state(state)
         else:
+            if self._xml != self._own_xml:  # a restored state brought another model: back to this env's own
+                self._rs.reset_from_xml_string(self._own_xml)
+                self._xml = self._own_xml
             if seed is not None:
-                # Reseed robosuite's generator in place: its placement sampler holds a reference to it.
-                self._rs.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+                self._seed_episodes(seed)
             self._rs.reset()
+            state_lib.refresh_controllers(self._rs)
             apply_render_settings(self._rs, self.config.render_settings)
             self._elapsed = 0
-        obs = self._observation(self._rs._get_observations(force_update=True))
+            obs = self._observation(self._rs.observe())
         return obs, {"success": self.check_success()}
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
@@ -260,7 +276,8 @@ class FrankaEnv(gym.Env):
 
     def get_state(self) -> dict[str, Any]:
         """Exact state: ``states`` (float64 flat sim state), ``model_file`` (XML str), ``gripper_action``
-        (float64), ``initial_joint`` (float64) and ``step`` (int, elapsed env steps)."""
+        (float64), ``initial_joint`` (float64), ``warmstart`` (float64 solver warm start) and ``step``
+        (int, elapsed env steps): numpy arrays, a str and an int, so it pickles and stores in HDF5."""
         self._ensure_built()
         state = state_lib.capture_state(self._rs, self._xml)
         state["step"] = self._elapsed
@@ -274,7 +291,7 @@ class FrankaEnv(gym.Env):
         self._xml = xml.decode() if isinstance(xml, bytes) else xml
         apply_render_settings(self._rs, self.config.render_settings)
         self._elapsed = int(state.get("step", 0))
-        return self._observation(self._rs._get_observations(force_update=True))
+        return self._observation(self._rs.observe())
 
     def _observation(self, raw: dict[str, Any]) -> dict[str, Any]:
         obs: dict[str, Any] = {}

@@ -8,12 +8,15 @@ Layout::
         actions        (T, 7)     float32, in [-1, 1]
         states         (T, S)     float64 flattened sim state before each action
         gripper_actions (T, G)    float64 integrated gripper command before each action
+        warmstarts     (T, V)     float64 MuJoCo solver warm start before each action (absent in
+                                  files recorded before it was added: those restore with a zero one)
         rewards (T,) float64, dones (T,) uint8
         obs/<key>                 every env observation key but ``task``, before each action
                                   (images uint8 (T, H, W, 3), others float32 (T, D))
 
 Kept demos are numbered demo_0 .. demo_{n-1}. ``load_demo_state`` rebuilds a state dict that
-``env.reset(options={"state": ...})`` restores exactly.
+``env.reset(options={"state": ...})`` restores exactly: the observation that reset returns equals the
+recorded ``obs`` at that step (``load_demo_obs`` and ``obs_max_abs_diff`` compare them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Episode:
     actions: list[np.ndarray] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     gripper_actions: list[np.ndarray] = field(default_factory=list)
+    warmstarts: list[np.ndarray] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     obs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     success: bool = False
@@ -49,10 +53,8 @@ class Episode:
 
 def run_expert_episode(env: Any, expert: ScriptedExpert, seed: int) -> Episode:
     """Roll ``expert`` in ``env`` from ``reset(seed=seed)`` until the episode ends."""
-    env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
     start = env.unwrapped.get_state()
-    # Start from the restored initial state: replays that restore it then match bitwise.
-    obs, info = env.reset(options={"state": start})
     expert.reset()
     episode = Episode(seed, start["initial_joint"], start["model_file"])
     done = False
@@ -61,6 +63,7 @@ def run_expert_episode(env: Any, expert: ScriptedExpert, seed: int) -> Episode:
         action = expert.act(obs)
         episode.states.append(state["states"])
         episode.gripper_actions.append(state["gripper_action"])
+        episode.warmstarts.append(state["warmstart"])
         episode.actions.append(action)
         for key, value in obs.items():
             if key != "task":
@@ -83,6 +86,7 @@ def write_episode(group: Any, episode: Episode) -> None:
     group.create_dataset("actions", data=np.asarray(episode.actions, dtype=np.float32))
     group.create_dataset("states", data=np.asarray(episode.states, dtype=np.float64))
     group.create_dataset("gripper_actions", data=np.asarray(episode.gripper_actions, dtype=np.float64))
+    group.create_dataset("warmstarts", data=np.asarray(episode.warmstarts, dtype=np.float64))
     group.create_dataset("rewards", data=np.asarray(episode.rewards, dtype=np.float64))
     dones = np.zeros(n, dtype=np.uint8)
     dones[-1] = 1
@@ -114,6 +118,7 @@ def env_args(task: str, env: Any) -> dict[str, Any]:
             "terminate_on_success": cfg.terminate_on_success,
             "render_settings": asdict(cfg.render_settings),
             "control_freq": cfg.control_freq,
+            "model_seed": cfg.model_seed,
             "robosuite_cameras": [CAMERAS[c] for c in cfg.camera_names],
         },
     }
@@ -181,20 +186,50 @@ def record_demos(
     }
 
 
+def _demo(f: Any, demo_index: int, step: int) -> Any:
+    demo = f[f"data/demo_{demo_index}"]
+    n = int(demo.attrs["num_samples"])
+    if not 0 <= step < n:
+        raise IndexError(f"step {step} out of range for demo_{demo_index} with {n} samples")
+    return demo
+
+
 def load_demo_state(path: str | Path, demo_index: int, step: int = 0) -> dict[str, Any]:
     """State dict of demo ``demo_index`` before action ``step``, for ``env.reset(options={"state": ...})``."""
     import h5py
 
     with h5py.File(path, "r") as f:
-        demo = f[f"data/demo_{demo_index}"]
-        n = int(demo.attrs["num_samples"])
-        if not 0 <= step < n:
-            raise IndexError(f"step {step} out of range for demo_{demo_index} with {n} samples")
+        demo = _demo(f, demo_index, step)
         xml = demo.attrs["model_file"]
-        return {
+        state = {
             "states": np.asarray(demo["states"][step], dtype=np.float64),
             "model_file": xml.decode() if isinstance(xml, bytes) else str(xml),
             "gripper_action": np.asarray(demo["gripper_actions"][step], dtype=np.float64),
             "initial_joint": np.asarray(demo.attrs["initial_joint"], dtype=np.float64),
             "step": int(step),
         }
+        if "warmstarts" in demo:
+            state["warmstart"] = np.asarray(demo["warmstarts"][step], dtype=np.float64)
+        return state
+
+
+def load_demo_obs(path: str | Path, demo_index: int, step: int = 0) -> dict[str, np.ndarray]:
+    """Recorded observation of demo ``demo_index`` before action ``step`` (every key but ``task``)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        demo = _demo(f, demo_index, step)
+        return {key: np.asarray(data[step]) for key, data in demo["obs"].items()}
+
+
+def obs_max_abs_diff(obs: dict[str, Any], recorded: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-key max |obs - recorded| (as float64, so images compare as integers) over the keys both have."""
+    diffs = {}
+    for key in recorded:
+        if key not in obs:
+            continue
+        value, expected = np.asarray(obs[key], np.float64), np.asarray(recorded[key], np.float64)
+        if value.shape != expected.shape:
+            raise ValueError(f"observation {key!r}: recorded shape {expected.shape}, env gives {value.shape}")
+        diffs[key] = float(np.max(np.abs(value - expected)))
+    return diffs

@@ -1,8 +1,11 @@
 """Exact capture and restore of a robosuite environment's state.
 
 ``sim.set_state_from_flattened`` alone drifts: bitwise-identical replay also needs the model XML
-(robosuite randomises e.g. the Lift cube size when it builds the model), a fresh MuJoCo data
-(warm-start buffers), each gripper's integrated command and the OSC controller's nullspace posture.
+(robosuite randomises e.g. the Lift cube size when it builds the model), MuJoCo's constraint-solver
+warm start (``qacc_warmstart``: the solver's starting point, so contact forces differ in the last bits
+without it), each gripper's integrated command and the OSC controller's nullspace posture. The
+controllers' cached kinematics are recomputed from the restored state, as :func:`refresh_controllers`
+does after every reset.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any
 import numpy as np
 
 STATE_KEYS = ("states", "model_file", "gripper_action", "initial_joint")
-"""Fields of a state dict; an env may add ``step`` (elapsed env steps of the episode)."""
+"""Required fields of a state dict. Optional: ``warmstart`` (float64, nv; states saved without it
+restore with a zero warm start, which can differ from the saving run in the last bits once objects
+touch) and ``step`` (elapsed env steps of the episode)."""
 
 
 def _robot(rs_env: Any) -> Any:
@@ -42,6 +47,17 @@ def initial_joint(rs_env: Any) -> np.ndarray:
     return np.concatenate([np.asarray(c.initial_joint, dtype=np.float64) for c in _arm_controllers(rs_env)])
 
 
+def refresh_controllers(rs_env: Any) -> None:
+    """Recompute every part controller's cached kinematics (Jacobians, mass matrix, poses) from the sim.
+
+    robosuite builds the controllers during a reset before it sets the gripper joints, and the first
+    step of an episode uses those cached values; refreshing them makes that step a function of the
+    simulator state alone, like every later one.
+    """
+    for controller in _robot(rs_env).part_controllers.values():
+        controller.update(force=True)
+
+
 def capture_state(rs_env: Any, model_xml: str) -> dict[str, Any]:
     """Everything needed to restore ``rs_env`` exactly, as plain numpy arrays and a str.
 
@@ -53,6 +69,7 @@ def capture_state(rs_env: Any, model_xml: str) -> dict[str, Any]:
         "model_file": model_xml,
         "gripper_action": gripper_action(rs_env),
         "initial_joint": initial_joint(rs_env),
+        "warmstart": np.array(rs_env.sim.data.qacc_warmstart, dtype=np.float64),
     }
 
 
@@ -79,6 +96,9 @@ def restore_state(rs_env: Any, state: dict[str, Any], current_xml: str | None) -
             rs_env.deterministic_reset = False
     rs_env.sim.set_state_from_flattened(np.asarray(state["states"], dtype=np.float64))
     rs_env.sim.forward()
+    warmstart = state.get("warmstart")
+    if warmstart is not None:  # after forward(), which reads it but never writes it
+        rs_env.sim.data.qacc_warmstart[:] = np.asarray(warmstart, dtype=np.float64)
 
     commands = np.asarray(state["gripper_action"], dtype=np.float64).ravel()
     offset = 0
@@ -92,4 +112,5 @@ def restore_state(rs_env: Any, state: dict[str, Any], current_xml: str | None) -
         n = len(c.initial_joint)
         c.update_initial_joints(posture[offset : offset + n].copy())
         offset += n
+    refresh_controllers(rs_env)
     return rebuilt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -33,9 +34,11 @@ def make_vec_env(
 
     ``async_`` (default: ``n_envs > 1``) runs each sub-env in its own worker process, started with
     the multiprocessing ``context``. By default that is "fork" while this process holds no GL context
-    (sub-envs build their simulator lazily, so the parent never does) and "forkserver" once it does,
-    since forking a process with a live GL context hangs; "forkserver"/"spawn" need the usual
-    ``if __name__ == "__main__":`` guard in scripts.
+    (sub-envs build their simulator lazily, so the parent never does; an env without cameras makes
+    none) and "forkserver" once it does, since forking a process with a live GL context hangs.
+    "forkserver"/"spawn" workers re-import the main script, so a script needs the usual
+    ``if __name__ == "__main__":`` guard then; without it the workers die while starting and this
+    raises a RuntimeError saying so.
     ``seed`` gives sub-env ``i`` the construction seed ``seed + i`` (gymnasium's ``reset(seed=s)`` also
     seeds sub-env ``i`` with ``s + i``). ``autoreset_mode`` is gymnasium's, NEXT_STEP by default: the step
     after an episode ends resets that sub-env and ignores its action, so ``info["success"]`` of the
@@ -54,9 +57,25 @@ def make_vec_env(
     if async_:
         if context is None:
             context = "forkserver" if gl_context_created() else "fork"
-        # shared_memory=False: gymnasium's shared-memory reader snapshots Text entries ("task") once.
-        return AsyncVectorEnv(fns, context=context, autoreset_mode=mode, shared_memory=False)
+        try:
+            # shared_memory=False: gymnasium's shared-memory reader snapshots Text entries ("task") once.
+            return AsyncVectorEnv(fns, context=context, autoreset_mode=mode, shared_memory=False)
+        except (ConnectionError, EOFError) as error:
+            raise RuntimeError(_workers_died_message(context)) from error
     return SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def _workers_died_message(context: str) -> str:
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    why = (
+        f"; this process holds a GL context (an env was built), so workers start with {context!r}, "
+        "which re-imports the main script in every worker" if gl_context_created() else ""
+    )
+    fix = (
+        f'put the code of {main} that creates envs under `if __name__ == "__main__":`, or create the '
+        "vector env before any other env" if main and context != "fork" else "see the workers' error above"
+    )
+    return f"make_vec_env: worker processes ({context!r} context) exited while starting{why}. Fix: {fix}."
 
 
 def restore_states(vec_env: gym.vector.VectorEnv, states: Mapping[int, dict[str, Any]]) -> tuple[dict, dict]:
