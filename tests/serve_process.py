@@ -14,8 +14,9 @@ READY = re.compile(r"Server is ready and listening on tcp://[\d.]+:(\d+)")
 
 
 @contextmanager
-def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Yields (process, port); always terminates the process."""
+def serve_process(*args: str, env: dict | None = None, timeout: float = 60,
+                  ready: re.Pattern = READY) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Yields (process, port: the first group of the ``ready`` banner line); always terminates the process."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "policyserve", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
@@ -29,7 +30,7 @@ def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> I
             if not line:
                 break
             lines.append(line)
-            match = READY.search(line)
+            match = ready.search(line)
             if match:
                 port = int(match.group(1))
                 break

@@ -49,6 +49,12 @@ class OpenpiKeyMap:
     """State key -> size, for splitting a state vector when the policy declares no sizes."""
     default_prompt: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("state", "actions"):
+            group = getattr(self, name)
+            if group is not None:
+                setattr(self, name, {k: _key_list(v, f"openpi key map: {name}[{k!r}]") for k, v in group.items()})
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "openpi key map") -> OpenpiKeyMap:
         """Build from ``{"video": {openpi: gr00t}, "state": {openpi: [gr00t, ...]}, "language": {...},
@@ -67,9 +73,9 @@ class OpenpiKeyMap:
                 raise ConfigError(f"{source}: {name!r} must map openpi key -> GR00T key(s), got {group!r}")
             if name in ("state", "actions"):
                 groups[name] = {k: _key_list(v, f"{source}: {name}[{k!r}]") for k, v in group.items()}
+            elif not all(isinstance(v, str) for v in group.values()):
+                raise ConfigError(f"{source}: {name!r} must map openpi key -> one GR00T key (str), got {group!r}")
             else:
-                if not all(isinstance(v, str) for v in group.values()):
-                    raise ConfigError(f"{source}: {name!r} must map openpi key -> one GR00T key (str), got {group!r}")
                 groups[name] = dict(group)
         dims = data.get("dims", {})
         if not isinstance(dims, Mapping) or not all(
@@ -140,8 +146,8 @@ class OpenpiMapping:
             if unknown:
                 raise ConfigError(
                     f"openpi key map: cannot split {openpi_key!r} into {targets}: the size of {unknown} is unknown "
-                    f"(the policy declares none); give them in the key map's \"dims\", e.g. "
-                    f"{{\"dims\": {{\"{unknown[0]}\": 7}}}}, or map each state key to its own openpi key")
+                    "(the policy declares none); give them in the key map's \"dims\" (state key -> size), or map "
+                    "each state key to its own openpi key")
             self.state_sizes[openpi_key] = [int(n) for n in sizes.values()]  # type: ignore[arg-type]
         self.action_horizon = configs["action"].delta_indices[-1] - configs["action"].delta_indices[0] + 1
         self.action_dims = {k: (sum(dims.action[t] for t in ts) if all(t in dims.action for t in ts) else None)

@@ -68,7 +68,7 @@ class OpenpiFrontDoor(FrontDoor):
     The server's ``api_token`` is required as openpi's client sends it: ``Authorization: Api-Key <token>``.
     """
 
-    name = "openpi"
+    name = protocol = PROTOCOL
 
     def __init__(self, port: int = 8000, host: str | None = None, key_map: OpenpiKeyMap | None = None) -> None:
         self.requested_port, self.host = port, host

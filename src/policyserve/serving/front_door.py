@@ -16,6 +16,8 @@ class FrontDoor(ABC):
     queued) and :meth:`close` (after the scheduler has answered everything)."""
 
     name: str = "front door"
+    protocol: str | None = None
+    """The client protocol the door speaks (``Request.protocol`` of what it submits), if any."""
 
     @abstractmethod
     def bind(self, server: PolicyServer) -> int:

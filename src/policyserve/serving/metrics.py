@@ -93,6 +93,12 @@ class MetricsExporter(SchedulerListener, FrontDoor):
                 raise AddressInUseError(f"port {self.requested_port} on {self.host} is in use") from None
             raise ConfigError(f"cannot serve metrics on http://{self.host}:{self.requested_port}: {exc}") from None
         self.port = int(self._http.server_port)
+        protocols = (["gr00t"] if server.endpoint is not None else []) + [
+            d.protocol for d in server.front_doors if d.protocol is not None]
+        for protocol in protocols:  # zeros from the start, so rates and alerts work before the first failure
+            self.auth_failures.labels(protocol)
+            for limit in ("max_queued_per_client", "max_queued_bytes"):
+                self.busy.labels(limit, protocol)
         server.add_listener(self)
         if server.verbose:
             print(f"Metrics: http://{self.host}:{self.port}/metrics", flush=True)
