@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -198,6 +199,19 @@ def test_bad_input_gets_a_text_error_and_the_connection_keeps_serving():
         server.stop(10)
 
 
+def test_a_message_over_four_times_the_limit_closes_only_that_connection():
+    server = start(ConstantPolicy(SPEC.modality_configs, SPEC.dims), max_message_bytes=50_000)
+    try:
+        client, other = connect(server), connect(server)
+        huge = {**franka_openpi_obs(), "observation/image": np.zeros((300, 300, 3), np.uint8)}  # 270 kB > 4 x 50 kB
+        with pytest.raises(websockets.ConnectionClosedError, match="1009"):
+            client.infer(huge)
+        assert other.infer(franka_openpi_obs())["actions"].shape == (16, 7)
+        assert connect(server).infer(franka_openpi_obs())["actions"].shape == (16, 7)
+    finally:
+        server.stop(10)
+
+
 def test_openpi_wire_format_of_malformed_arrays_is_refused_by_name():
     from policyserve.errors import ProtocolError
     from policyserve.protocol import openpi_codec
@@ -213,6 +227,8 @@ def test_openpi_wire_format_of_malformed_arrays_is_refused_by_name():
 def test_api_key_is_required_through_openpis_authorization_header():
     server = start(ConstantPolicy(SPEC.modality_configs, SPEC.dims), api_token="s3cret")
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{door_port(server)}/healthz", timeout=5) as health:
+            assert health.status == 200 and health.read() == b"OK\n"  # health checks need no token
         for key in (None, "wrong"):
             with pytest.raises(websockets.InvalidStatus, match="401"):
                 connect(server, api_key=key)

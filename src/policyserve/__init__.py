@@ -5,18 +5,33 @@ from .errors import (
 )
 from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
 from .protocol import PolicyClient, PolicyServer
+from .protocol.openpi_keymap import OpenpiKeyMap
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
 )
 from .types import (
     ActionConfig, ActionFormat, ActionRepresentation, ActionType, EmbodimentTag, ModalityConfig, ModalityDims,
 )
+from .serving.front_door import FrontDoor
 
 __version__ = "0.1.0"
 
+_LAZY = {"OpenpiFrontDoor": "policyserve.protocol.openpi_server", "MetricsExporter": "policyserve.serving.metrics"}
+"""Exports whose modules need the ``serve`` extra (websockets, prometheus_client): imported on first use."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'policyserve' has no attribute {name!r}")
+
+
 __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
-    "ConstantPolicy", "EmbodimentTag", "Gr00tSimPolicyWrapper", "ModalityConfig", "ModalityDims", "PolicyClient",
+    "ConstantPolicy", "EmbodimentTag", "FrontDoor", "Gr00tSimPolicyWrapper", "MetricsExporter", "ModalityConfig",
+    "ModalityDims", "OpenpiFrontDoor", "OpenpiKeyMap", "PolicyClient",
     "PolicyServeError", "PolicyServer", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError", "ServerError",
     "SimPolicyWrapper", "UnauthorizedError", "ValidationError", "get_modality_configs", "load_modality_config_file",
     "register_modality_config", "registered_embodiments",

@@ -36,7 +36,7 @@ METRICS = {
     "policyserve_queue_depth": "requests waiting in the scheduler",
     "policyserve_busy_rejections_total": "requests refused as busy, by the limit reached and protocol",
     "policyserve_auth_failures_total": "requests (GR00T) or connections (openpi) refused for a wrong or missing token",
-    "policyserve_replicas": "policy replicas serving (the backend's ``replicas``; 1 for an in-process policy)",
+    "policyserve_replicas": "policy replicas serving (the backend's replicas attribute; 1 for an in-process policy)",
 }
 
 
