@@ -94,7 +94,8 @@ class OpenpiFrontDoor(FrontDoor):
         self._metadata = openpi_codec.packb(self.mapping.metadata())
         host = "" if self.host in ("0.0.0.0", "*") else self.host
         try:
-            self._sock = socket.create_server((host, self.requested_port))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, self.requested_port), family=family)
         except OSError as exc:
             from .server import AddressInUseError
 

@@ -74,8 +74,8 @@ class PolicyServer:
     """Serve ``policy`` (or a ``backend``) on ``tcp://host:port`` until ``kill`` or :meth:`stop`.
 
     ``port=0`` picks a free port (see :attr:`port` after :meth:`bind`); ``port=None`` opens no ZeroMQ
-    socket (the server then serves through the front doors added with :meth:`add_front_door`). ``api_token``, when set, is
-    required on every request, ``kill`` included. A message (all its frames) larger than
+    socket (the server then serves through the front doors added with :meth:`add_front_door`).
+    ``api_token``, when set, is required on every request, ``kill`` included. A message (all its frames) larger than
     ``max_message_bytes`` is answered with an error; libzmq drops frames over ``hard_limit_bytes``
     (default 4x) before allocating them, disconnecting that peer. Batching and queue limits are the
     :class:`SchedulerConfig` fields, passed as keyword arguments.
