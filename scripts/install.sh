@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs policyserve with every extra on a fresh Debian machine: the GL libraries for headless
-# MuJoCo rendering, the CPU build of torch (see below), robosuite without its GUI/compiler dependencies.
+# MuJoCo rendering, the CPU build of torch (see below), robosuite without its GUI/compiler dependencies,
+# openpi-client without its numpy<2 pin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,4 +29,6 @@ else
 fi
 $PY -m pip install -q --disable-pip-version-check --no-deps "robosuite==1.5.2"
 $PY -m pip install -q --disable-pip-version-check -e ".[all,test]"
+# openpi's client, for the openpi front door's tests: without its numpy<2 pin (its other needs come with [test]).
+$PY -m pip install -q --disable-pip-version-check --no-deps "openpi-client==0.1.2"
 echo "policyserve installed: $($PY -c 'import policyserve; print(policyserve.__file__)')"

@@ -16,8 +16,9 @@ READY = re.compile(r"Server is ready and listening on tcp://[\d.]+:(\d+)")
 
 
 @contextmanager
-def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Yields (process, port); always terminates the process."""
+def serve_process(*args: str, env: dict | None = None, timeout: float = 60,
+                  ready: re.Pattern = READY) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Yields (process, port: the first group of the ``ready`` banner line); always terminates the process."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "policyserve", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
@@ -27,7 +28,7 @@ def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> I
     def read_banner() -> None:  # a thread, so waiting for the banner is bounded even if the server hangs
         for line in proc.stdout:
             lines.put(line)
-            if READY.search(line):
+            if ready.search(line):
                 break
         else:
             lines.put(None)
@@ -45,7 +46,7 @@ def serve_process(*args: str, env: dict | None = None, timeout: float = 60) -> I
             if line is None:
                 break
             seen.append(line)
-            match = READY.search(line)
+            match = ready.search(line)
             if match:
                 port = int(match.group(1))
         if port is None:

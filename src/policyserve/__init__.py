@@ -7,20 +7,34 @@ from .errors import (
 from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
 from .policies.replay import ReplayPolicy
 from .protocol import PolicyClient, PolicyServer
+from .protocol.openpi_keymap import OpenpiKeyMap
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
 )
 from .types import (
     ActionConfig, ActionFormat, ActionRepresentation, ActionType, EmbodimentTag, ModalityConfig, ModalityDims,
 )
+from .serving.front_door import FrontDoor
 
 __version__ = "0.1.0"
 
+_LAZY = {"OpenpiFrontDoor": "policyserve.protocol.openpi_server", "MetricsExporter": "policyserve.serving.metrics"}
+"""Exports whose modules need the ``serve`` extra (websockets, prometheus_client): imported on first use."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'policyserve' has no attribute {name!r}")
+
+
 __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
-    "ConstantPolicy", "DriverConfig", "EmbodimentTag", "Gr00tSimPolicyWrapper", "KeyMap", "ModalityConfig",
-    "ModalityDims", "PolicyClient", "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicyTimeoutError",
-    "PolicyWrapper", "ProtocolError", "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError",
-    "ValidationError", "get_modality_configs", "load_modality_config_file", "register_modality_config",
-    "registered_embodiments",
+    "ConstantPolicy", "DriverConfig", "EmbodimentTag", "FrontDoor", "Gr00tSimPolicyWrapper", "KeyMap",
+    "MetricsExporter", "ModalityConfig", "ModalityDims", "OpenpiFrontDoor", "OpenpiKeyMap", "PolicyClient",
+    "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError",
+    "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError", "ValidationError", "get_modality_configs",
+    "load_modality_config_file", "register_modality_config", "registered_embodiments",
 ]

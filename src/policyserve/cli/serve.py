@@ -1,5 +1,9 @@
 """``policyserve serve``: a policy server with GR00T's ``run_gr00t_server.py`` flags.
 
+Front doors: GR00T's ZeroMQ protocol on ``--port`` and, with ``--openpi-port``, openpi's websocket
+protocol too; ``--protocol openpi`` serves openpi clients only (on ``--openpi-port``, else ``--port``).
+``--metrics-port`` adds a Prometheus endpoint.
+
 Policy source, first match wins: ``--model-path`` (a trained checkpoint), ``--dataset-path`` (replay
 a LeRobot dataset), ``--policy scripted:<task>`` (the simulation's scripted expert), otherwise the
 built-in constant policy for the modality config (so a server always starts).
@@ -18,7 +22,7 @@ DEFAULT_EMBODIMENT = "franka_panda"
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a policy (model, replay, scripted or constant) over ZeroMQ",
+    p = sub.add_parser("serve", help="serve a policy (model, replay, scripted, constant) to GR00T and openpi clients",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_address(p)
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
@@ -50,7 +54,39 @@ def register(sub: Any) -> None:
                    help="requests one client may have waiting; more get 'server busy' at once (default 64)")
     p.add_argument("--max-queued-mb", type=float, default=1024,
                    help="total size of waiting requests; more get 'server busy' at once (MiB, default 1024)")
+    p.add_argument("--protocol", choices=("gr00t", "openpi"), default="gr00t",
+                   help="gr00t (default): GR00T clients on --port, openpi clients too with --openpi-port; "
+                        "openpi: openpi clients only, on --openpi-port or else --port")
+    p.add_argument("--openpi-port", type=int, default=None, help="also serve openpi websocket clients on this port")
+    p.add_argument("--openpi-key-map", default=None,
+                   help="JSON file mapping openpi keys to the policy's (default: observation/image, "
+                        "observation/wrist_image, observation/state, prompt -> actions)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: no metrics server)")
     p.set_defaults(func=run)
+
+
+def front_doors(args: argparse.Namespace) -> list:
+    """The front doors beside the GR00T socket that the flags ask for (openpi, metrics)."""
+    from ..errors import ConfigError
+
+    doors = []
+    if args.protocol == "openpi" or args.openpi_port is not None:
+        if args.use_sim_policy_wrapper:
+            raise ConfigError("--use-sim-policy-wrapper is for GR00T sim clients; the openpi door needs the plain "
+                              "policy (drop one of them)")
+        from ..protocol.openpi_keymap import OpenpiKeyMap
+        from ..protocol.openpi_server import OpenpiFrontDoor
+
+        key_map = OpenpiKeyMap.from_file(args.openpi_key_map) if args.openpi_key_map else None
+        doors.append(OpenpiFrontDoor(args.port if args.openpi_port is None else args.openpi_port, key_map=key_map))
+    elif args.openpi_key_map:
+        raise ConfigError("--openpi-key-map needs --openpi-port or --protocol openpi")
+    if args.metrics_port is not None:
+        from ..serving.metrics import MetricsExporter
+
+        doors.append(MetricsExporter(args.metrics_port))
+    return doors
 
 
 def _modality_source(args: argparse.Namespace):
@@ -115,7 +151,10 @@ def _describe(args: argparse.Namespace) -> list[str]:
     if args.dataset_path:
         horizon = args.execution_horizon or "the action horizon"
         lines += [f"  Dataset path: {args.dataset_path}", f"  Execution horizon: {horizon}"]
-    lines += [f"  Host: {args.host}", f"  Port: {args.port}", f"  Strict: {args.strict}",
+    ports = [] if args.protocol == "openpi" else [f"  Port: {args.port}"]
+    if args.protocol == "openpi" or args.openpi_port is not None:
+        ports.append(f"  openpi port: {args.port if args.openpi_port is None else args.openpi_port}")
+    lines += [f"  Host: {args.host}", *ports, f"  Strict: {args.strict}",
               f"  Auth: {'api token required' if args.api_token else 'none'}"]
     return lines
 
@@ -132,15 +171,23 @@ def run(args: argparse.Namespace) -> int:
         policy = build_policy(args)
         if args.use_sim_policy_wrapper:
             policy = SimPolicyWrapper(policy, strict=args.strict)
-        server = PolicyServer(policy, host=args.host, port=args.port, api_token=args.api_token,
+        doors = front_doors(args)
+        server = PolicyServer(policy, host=args.host, port=None if args.protocol == "openpi" else args.port,
+                              api_token=args.api_token,
                               max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                               max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                               rejoin_wait_ms=args.rejoin_wait_ms,
                               max_queued_per_client=args.max_queued_per_client,
                               max_queued_bytes=int(args.max_queued_mb * 1024 * 1024))
+        for door in doors:
+            server.add_front_door(door)
         server.bind()
     except (PolicyServeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except ImportError as exc:
+        print(f"error: {exc.name or exc} is not installed (pip install 'policyserve[serve]')", file=sys.stderr,
+              flush=True)
         return 2
     batching = ("off" if args.max_batch_size == 1 or not server.backend.batchable
                 else f"up to {args.max_batch_size} requests per call")

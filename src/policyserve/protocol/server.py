@@ -7,8 +7,12 @@ A ROUTER socket accepts GR00T's REQ clients and DEALER clients. The I/O thread r
 encoded replies back to the I/O thread through a queue and a wake-up pipe, because ZeroMQ sockets
 are not thread-safe.
 
-Shutdown (``kill``, :meth:`PolicyServer.stop`, SIGTERM/Ctrl-C in ``policyserve serve``): stop reading,
-answer queued requests with ``{"error": "server shutting down"}``, finish and answer the calls in
+Other front doors (:class:`~policyserve.serving.front_door.FrontDoor`: the openpi websocket door, the
+metrics endpoint) are added with :meth:`PolicyServer.add_front_door` and share the scheduler; with
+``port=None`` the server has no ZeroMQ socket and serves through them only.
+
+Shutdown (``kill``, :meth:`PolicyServer.stop`, SIGTERM/Ctrl-C in ``policyserve serve``): stop reading (every
+door), answer queued requests with ``{"error": "server shutting down"}``, finish and answer the calls in
 progress, send what is pending, then close.
 """
 
@@ -31,6 +35,7 @@ from ..errors import ConfigError, PolicyServeError, ProtocolError
 from ..policies.base import BasePolicy
 from ..serving.backend import Backend, PolicyBackend
 from ..serving.events import Listeners, SchedulerListener
+from ..serving.front_door import FrontDoor
 from ..serving.scheduler import Request, Scheduler, SchedulerConfig, ServerBusyError, error_message
 from .codec import packb, unpackb
 
@@ -68,8 +73,9 @@ def _log_error(exc: BaseException) -> None:
 class PolicyServer:
     """Serve ``policy`` (or a ``backend``) on ``tcp://host:port`` until ``kill`` or :meth:`stop`.
 
-    ``port=0`` picks a free port (see :attr:`port` after :meth:`bind`). ``api_token``, when set, is
-    required on every request, ``kill`` included. A message (all its frames) larger than
+    ``port=0`` picks a free port (see :attr:`port` after :meth:`bind`); ``port=None`` opens no ZeroMQ
+    socket (the server then serves through the front doors added with :meth:`add_front_door`).
+    ``api_token``, when set, is required on every request, ``kill`` included. A message (all its frames) larger than
     ``max_message_bytes`` is answered with an error; libzmq drops frames over ``hard_limit_bytes``
     (default 4x) before allocating them, disconnecting that peer. Batching and queue limits are the
     :class:`SchedulerConfig` fields, passed as keyword arguments.
@@ -79,7 +85,7 @@ class PolicyServer:
         self,
         policy: BasePolicy | None = None,
         host: str = "127.0.0.1",
-        port: int = 5555,
+        port: int | None = 5555,
         api_token: str | None = None,
         *,
         backend: Backend | None = None,
@@ -109,8 +115,11 @@ class PolicyServer:
             max_queued_per_client=max_queued_per_client, max_queued_bytes=max_queued_bytes,
             workers=self.backend.concurrency,
         )
-        listeners = Listeners(listener, _LogListener() if verbose else None)
-        self.scheduler = Scheduler(self.backend, self.config, listeners)
+        self.listener = Listeners(listener, _LogListener() if verbose else None)
+        """Every event of the scheduler and the front doors goes here (see :meth:`add_listener`)."""
+        self.scheduler = Scheduler(self.backend, self.config, self.listener)
+        self.front_doors: list[FrontDoor] = []
+        self._bound = False
         self._endpoints: dict[str, EndpointHandler] = {}
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
@@ -150,17 +159,48 @@ class PolicyServer:
     def _reset(self, options: dict | None = None) -> Any:
         raise AssertionError("reset is served by the scheduler")
 
+    # -- front doors and listeners ---------------------------------------------------------------
+    def add_front_door(self, door: FrontDoor) -> None:
+        """Serve through ``door`` too (before :meth:`bind`/:meth:`start`); it is bound, started and
+        stopped with the server."""
+        if self._bound:
+            raise RuntimeError("add front doors before the server binds")
+        self.front_doors.append(door)
+
+    def add_listener(self, listener: SchedulerListener) -> None:
+        """Also report scheduler and front-door events to ``listener`` (before :meth:`start`)."""
+        self.listener.listeners.append(listener)
+
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
         """True once the server has shut down and released its port."""
         return self._closed.is_set()
 
-    def bind(self) -> int:
-        """Bind the socket (idempotent); returns the bound port. A taken port raises
-        :class:`AddressInUseError` and leaves nothing open."""
-        if self._socket is not None:
-            return self.port  # type: ignore[return-value]
+    def bind(self) -> int | None:
+        """Bind the socket and the front doors (idempotent); returns the ZeroMQ port (None without one).
+        A taken port raises :class:`AddressInUseError` and leaves nothing open."""
+        if self._bound:
+            return self.port
+        if self._requested_port is not None:
+            self._bind_socket()
+        bound: list[FrontDoor] = []
+        try:
+            for door in self.front_doors:
+                door.bind(self)
+                bound.append(door)
+        except BaseException:
+            for door in bound:
+                door.close(0)
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+            self._release()
+            raise
+        self._bound = True
+        return self.port
+
+    def _bind_socket(self) -> None:
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.hard_limit_bytes)
@@ -178,9 +218,8 @@ class PolicyServer:
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.port = int(self.endpoint.rsplit(":", 1)[1])
-        return self.port
 
-    def start(self, timeout: float = 10.0) -> int:
+    def start(self, timeout: float = 10.0) -> int | None:
         """Run the server on a background thread; returns the bound port once it is listening."""
         port = self.bind()
         self._thread = threading.Thread(target=self.run, name=f"policyserve-server-{port}", daemon=True)
@@ -211,15 +250,17 @@ class PolicyServer:
     def run(self) -> None:
         """Serve until ``kill`` or :meth:`stop` (blocking)."""
         self.bind()
-        assert self._socket is not None
-        self.scheduler.start()
-        if self.verbose:
-            print(f"Server is ready and listening on {self.endpoint}", flush=True)
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        self._listening.set()
         try:
+            self.scheduler.start()
+            for door in self.front_doors:
+                door.start()
+            if self._socket is not None:
+                poller.register(self._socket, zmq.POLLIN)
+                if self.verbose:
+                    print(f"Server is ready and listening on {self.endpoint}", flush=True)
+            self._listening.set()
             while not self._stop_requested.is_set():
                 events = dict(poller.poll(1000))
                 if self._wake_r in events:
@@ -233,9 +274,13 @@ class PolicyServer:
     def _shutdown(self) -> None:
         if self.verbose:
             print("Shutting down server: answering queued requests, finishing calls in progress...", flush=True)
+        for door in self.front_doors:
+            door.stop_reading()
         finished = self.scheduler.close(self.shutdown_timeout)
         if not finished and self.verbose:
             print(f"A policy call did not finish within {self.shutdown_timeout} s; closing anyway.", flush=True)
+        for door in self.front_doors:
+            door.close(2.0)
         if self._socket is not None:
             self._send_pending()
             self._socket.close(linger=2000)  # let the last replies leave
@@ -269,7 +314,8 @@ class PolicyServer:
             pass
 
     def _send_pending(self) -> None:
-        assert self._socket is not None
+        if self._socket is None:
+            return
         while self._outbox:
             self._socket.send_multipart(self._outbox.popleft(), copy=False)
 
@@ -304,12 +350,14 @@ class PolicyServer:
             return  # no routing identity: nothing can be answered
         identity = frames[0].bytes
         envelope = [identity, b""]
+        endpoint: Any = "unknown"
         try:
             if len(frames) == 2:
                 envelope = [identity]  # DEALER
             elif len(frames) == 3 and len(frames[1]) == 0:
                 envelope = [identity, b""]  # REQ (or a DEALER sending the empty delimiter)
             else:
+                self.listener.invalid("gr00t", endpoint)
                 self._reply_now([identity, b""], {"error": (
                     f"malformed request: {len(frames) - 1} frames after the routing id; a GR00T request is one "
                     "msgpack frame, behind an empty delimiter frame for REQ clients")})
@@ -323,6 +371,7 @@ class PolicyServer:
             if not isinstance(request, dict):
                 raise ProtocolError(f"request must be a msgpack map, got {type(request).__name__}")
             if not self._authorized(request):
+                self.listener.unauthorized("gr00t")
                 self._reply_now(envelope, {"error": "Unauthorized: Invalid API token"})
                 return
             endpoint = request.get("endpoint", "get_action")
@@ -339,8 +388,11 @@ class PolicyServer:
                 return
             self.scheduler.submit(self._scheduled(endpoint, spec, data, envelope, size, received))
         except Exception as exc:  # noqa: BLE001 - every error is answered, the server keeps serving
-            if self.verbose and not isinstance(exc, ServerBusyError):
-                _log_error(exc)
+            if not isinstance(exc, ServerBusyError):
+                known = isinstance(endpoint, str) and endpoint in self._endpoints
+                self.listener.invalid("gr00t", endpoint if known else "unknown")
+                if self.verbose:
+                    _log_error(exc)
             self._reply_now(envelope, {"error": error_message(exc)})
 
     def _scheduled(self, endpoint: str, spec: EndpointHandler, data: dict, envelope: list[bytes], size: int,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..policies.base import ActionRequest, BasePolicy
-from ..types import ModalityConfigs
+from ..types import ModalityConfigs, ModalityDims
 
 if TYPE_CHECKING:
     from .scheduler import Request
@@ -32,6 +32,10 @@ class Backend(ABC):
     def get_modality_config(self) -> ModalityConfigs:
         """The served policy's modality config (answered without queueing)."""
 
+    def get_modality_dims(self) -> ModalityDims:
+        """Per-key sizes the served policy declares (none by default)."""
+        return ModalityDims()
+
     @abstractmethod
     def get_action(self, requests: Sequence[Request]) -> list[Outcome]:
         """One outcome per request, in order."""
@@ -54,6 +58,9 @@ class PolicyBackend(Backend):
 
     def get_modality_config(self) -> ModalityConfigs:
         return self.policy.get_modality_config()
+
+    def get_modality_dims(self) -> ModalityDims:
+        return self.policy.get_modality_dims()
 
     def get_action(self, requests: Sequence[Request]) -> list[Outcome]:
         return self.policy.serve_get_action([to_action_request(r) for r in requests])

@@ -1,4 +1,5 @@
-"""What a :class:`~policyserve.serving.scheduler.Scheduler` reports as it works (for logs and metrics)."""
+"""What the :class:`~policyserve.serving.scheduler.Scheduler` and the front doors report as they work (for logs
+and metrics)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ class SchedulerListener:
 
     def failed(self, request: Request, exc: BaseException) -> None:
         """``request``'s call raised ``exc`` (it is answered with an error)."""
+
+    def invalid(self, protocol: str, endpoint: str) -> None:
+        """A front door answered a request with an error without queueing it (undecodable, too large,
+        unknown endpoint, unmappable); ``endpoint`` is ``"unknown"`` when it could not be read."""
+
+    def unauthorized(self, protocol: str) -> None:
+        """A front door refused a request or connection for a missing or wrong API token."""
 
 
 NULL_LISTENER = SchedulerListener()

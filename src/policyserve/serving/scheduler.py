@@ -144,6 +144,7 @@ class Scheduler:
             self._queues.clear()
             self._turns.clear()
             self._queued = self._queued_bytes = 0
+            self.listener.queue_depth(0)
             self._lock.notify_all()
         for request in dropped:
             self._answer(request, {"error": SHUTTING_DOWN})
@@ -187,6 +188,7 @@ class Scheduler:
             if first.endpoint == "get_action":
                 self._rejoining = {r.client for r in batch} if len(batch) > 1 else set()
             self._in_flight += 1
+            self.listener.queue_depth(self._queued)
             return batch
 
     def _mergeable(self) -> bool:
