@@ -389,14 +389,38 @@ def test_serve_process_answers_queued_requests_on_sigterm():
         try:
             for i in range(50):
                 dealer.send("get_action", {"observation": franka_observation(batch=8, size=96), "options": None})
+            dealer.send("ping")  # answered when read, so after its reply all 50 requests have been read too
+            replies = []
+            while (reply := dealer.recv(10000)) != {"status": "ok", "message": "Server is running"}:
+                replies.append(reply)
             proc.terminate()
-            replies = [dealer.recv(10000) for _ in range(50)]
+            replies += [dealer.recv(10000) for _ in range(50 - len(replies))]
         finally:
             dealer.close()
         assert proc.wait(20) == 0
         output = proc.stdout.read()
     assert all(isinstance(r, list) or r == {"error": "server shutting down"} for r in replies)
     assert "Traceback" not in output and "Server stopped." in output
+
+
+def test_requests_still_unread_at_shutdown_are_answered():
+    server = start(SlowPolicy(delay=0.5), max_batch_size=1)
+    dealer = Dealer(server.port)
+    try:
+        dealer.send("get_action", {"observation": marked_observation(1), "options": None})
+        time.sleep(0.1)  # in progress
+        stopper = threading.Thread(target=server.stop, args=(10,))
+        stopper.start()  # stops reading at once, then waits for the call in progress
+        time.sleep(0.1)
+        for i in range(5):  # these arrive while the server no longer reads
+            dealer.send("get_action", {"observation": marked_observation(i), "options": None})
+        stopper.join(10)
+        assert server.closed
+        replies = [dealer.recv(3000) for _ in range(6)]
+        assert isinstance(replies[0], list)
+        assert replies[1:] == [{"error": "server shutting down"}] * 5
+    finally:
+        dealer.close()
 
 
 # -- decoded arrays --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..policies.base import BasePolicy
 from ..serving.backend import Backend, PolicyBackend
 from ..serving.events import Listeners, SchedulerListener
 from ..serving.front_door import FrontDoor
-from ..serving.scheduler import Request, Scheduler, SchedulerConfig, ServerBusyError, error_message
+from ..serving.scheduler import SHUTTING_DOWN, Request, Scheduler, SchedulerConfig, ServerBusyError, error_message
 from .codec import packb, unpackb
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -283,12 +283,26 @@ class PolicyServer:
             door.close(2.0)
         if self._socket is not None:
             self._send_pending()
+            self._refuse_unread()
             self._socket.close(linger=2000)  # let the last replies leave
             self._socket = None
         self.backend.close()
         self._release()
         if self.verbose:
             print("Server stopped.", flush=True)
+
+    def _refuse_unread(self) -> None:
+        """Answer requests that reached the socket but were not read with "server shutting down"."""
+        assert self._socket is not None
+        for _ in range(100_000):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                return
+            if len(frames) == 2:
+                self._reply_now([frames[0].bytes], {"error": SHUTTING_DOWN})
+            elif len(frames) >= 3:
+                self._reply_now([frames[0].bytes, b""], {"error": SHUTTING_DOWN})
 
     def _release(self) -> None:
         for fd in (self._wake_r, self._wake_w):
