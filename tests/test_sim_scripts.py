@@ -70,3 +70,17 @@ def test_robosuite_chatter_is_quiet_unless_verbose(tmp_path: Path) -> None:
 
     by_call = _run("from policyserve.sim import set_verbose\nset_verbose(True)\n" + BUILD_SCRIPT, tmp_path)
     assert "Loading controller" in by_call.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sim_commands_are_quiet_unless_verbose_flag(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "POLICYSERVE_SIM_VERBOSE"}
+    argv = [sys.executable, "-m", "policyserve", "record", "--task", "lift", "--n-demos", "1", "--camera-size", "32",
+            "--output", str(tmp_path / "demos.hdf5")]
+    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "robosuite_models" not in quiet.stdout + quiet.stderr
+    verbose = subprocess.run([*argv[:-1], str(tmp_path / "demos2.hdf5"), "--verbose"], capture_output=True,
+                             text=True, timeout=240, env=env)
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert "robosuite_models" in verbose.stderr and "Loading controller" in verbose.stderr

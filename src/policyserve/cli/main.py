@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import PolicyServeError
 
 COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo")
+SIM_COMMANDS = ("serve", "record", "rollout", "compare", "demo")
+"""Commands that may build simulated envs: they take ``--verbose`` for robosuite's own messages."""
+SIM_VERBOSE_ENV = "POLICYSERVE_SIM_VERBOSE"  # read by policyserve.sim.verbosity, inherited by subprocesses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+        if name in SIM_COMMANDS:
+            sub.choices[name].add_argument("--verbose", action="store_true",
+                                           help="show robosuite's info lines and warnings (quiet by default)")
     return parser
 
 
@@ -40,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "verbose", False):
+        os.environ[SIM_VERBOSE_ENV] = "1"
     try:
         return int(args.func(args) or 0)
     except (PolicyServeError, OSError, ValueError) as exc:
