@@ -124,3 +124,17 @@ def test_recordings_without_warmstarts_still_restore(demo_file: Path, tmp_path: 
         assert np.array_equal(env.get_state()["states"], state["states"])
     finally:
         env.close()
+
+
+def test_record_with_no_successful_demo_fails_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "none.hdf5"
+    done = subprocess.run([sys.executable, "-m", "policyserve", "record", "--task", "lift", "--n-demos", "1",
+                           "--camera-size", "32", "--max-episode-steps", "5",
+                           "--output", str(out)], capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no successful lift demo in 13 attempts of at most "
+                                                           "5 steps")
+    assert "Traceback" not in done.stderr and not out.exists()

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .envs import GYM_IDS, CAMERAS, get_task, make_env
 from .scripted import ScriptedExpert
 
@@ -156,6 +157,7 @@ def record_demos(
         task, camera_names=tuple(camera_names), camera_size=camera_size, max_episode_steps=max_episode_steps,
         seed=seed, render_settings=render_settings,
     )
+    limit = env.unwrapped.max_episode_steps
     expert = ScriptedExpert(task)
     kept = attempts = successes = total = 0
     started = time.monotonic()
@@ -180,6 +182,12 @@ def record_demos(
     finally:
         bar.close()
         env.close()
+    if kept == 0:
+        output.unlink(missing_ok=True)
+        raise ConfigError(
+            f"no successful {get_task(task).name} demo in {attempts} attempts of at most "
+            f"{limit} steps, so nothing was written to {output}: give episodes more "
+            "steps (max_episode_steps) or keep failed episodes (keep_failed)")
     return {
         "output": str(output), "task": get_task(task).name, "demos": kept, "attempts": attempts,
         "successes": successes, "total_samples": total, "seconds": round(time.monotonic() - started, 2),
