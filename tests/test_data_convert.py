@@ -138,6 +138,17 @@ def test_eval_split_and_cli_flags(tmp_path: Path) -> None:
     assert ds.modality.state["eef_pos"].start == 9 and ds.modality.state["eef_pos"].end == 12
 
 
+def test_cli_names_the_overwrite_flag_for_a_used_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_robomimic(tmp_path / "demos.hdf5", {0: 5})
+    argv = ["convert", "hdf5-to-lerobot", "--input", str(tmp_path / "demos.hdf5"), "--output", str(tmp_path / "out"),
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    assert cli_main(argv) == 1
+    assert capsys.readouterr().err.strip() == f"error: output directory {tmp_path / 'out'} is not empty (pass --overwrite to replace it)"
+    assert cli_main([*argv, "--overwrite"]) == 0
+
+
 def test_column_map_file(tmp_path: Path) -> None:
     (tmp_path / "map.json").write_text(json.dumps({"cameras": {}, "state": ["joint_pos"], "actions": {"a": [0, 3]}}))
     write_robomimic(tmp_path / "demos.hdf5", {4: 6})

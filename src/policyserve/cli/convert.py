@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.column_map import ColumnMap
     from ..data.hdf5_to_lerobot import DEMO_MAP_FILE, convert_hdf5_to_lerobot
     from ..data.lerobot import DatasetError
+    from ..data.lerobot_writer import OutputNotEmptyError
     from ..errors import ConfigError
 
     try:
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             format=args.format,
         )
+    except OutputNotEmptyError as exc:
+        print(f"error: output directory {exc.path} is not empty (pass --overwrite to replace it)", file=sys.stderr)
+        return 1
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -42,6 +42,14 @@ def _feature(values: np.ndarray) -> dict[str, Any]:
     return {"dtype": dtype, "shape": [1] if values.ndim == 1 else list(values.shape[1:]), "names": None}
 
 
+class OutputNotEmptyError(DatasetError):
+    """The output directory already holds files and ``overwrite`` was not given."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"output directory {path} is not empty (pass overwrite=True to replace it)")
+        self.path = path
+
+
 class EpisodeStorage(Protocol):
     """Where a format puts episode data and videos, and the meta files that index them."""
 
@@ -124,7 +132,7 @@ class LeRobotWriter:
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
             if not overwrite:
-                raise DatasetError(f"output directory {self.root} is not empty (pass overwrite to replace it)")
+                raise OutputNotEmptyError(self.root)
             shutil.rmtree(self.root)
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
         self.version = version
