@@ -70,6 +70,14 @@ class Block:
     section: str
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def blocks(readme: Path) -> list[Block]:
     found, section, lines = [], "", readme.read_text().splitlines()
     i = 0
@@ -153,13 +161,22 @@ class Checker:
                 raise CheckFailed(f"{what}: the server on port {port} does not answer a ping")
 
     def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        """Stop the server and anything else in its process group (bounded waits)."""
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                proc.poll()  # reap the leader, or its zombie keeps the group alive
+                time.sleep(0.1)
+            if not _group_alive(proc.pid):
+                break
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
         if proc in self.background:
             self.background.remove(proc)
 
@@ -197,9 +214,9 @@ class Checker:
             command = command.replace("DATASET", f"{SHARED}/datasets/gr1.PickNPlace")
         if "OUT/checkpoint-2000" in command:
             self.fixture_checkpoint()
+        command = re.sub(r"\s+#.*$", "", command)
         keep = command.endswith("&")
         command = command.rstrip("&").strip()
-        command = re.sub(r"\s+#.*$", "", command)
         if re.match(r"python3 -m policyserve demo\b", command):
             command += " " + DEMO_ARGS
         for name, args in BENCHMARK_ARGS.items():
