@@ -28,7 +28,7 @@ from policyserve.data.lerobot import LeRobotDataset
 from policyserve.policies.factory import PolicySpec
 from policyserve.serving.ray_backend import RayBackend, RayConfig
 
-from helpers import SlowPolicy, concurrently, franka_observation, marked_observation
+from helpers import SlowPolicy, concurrently, descendants, franka_observation, marked_observation
 
 pytestmark = pytest.mark.ray
 
@@ -178,6 +178,9 @@ def test_no_replica_left_gives_a_clear_error_quickly_and_the_front_door_keeps_se
             assert time.monotonic() - start < 20
             assert client.ping()  # the front door itself keeps serving
             assert client.get_modality_config()["action"].modality_keys == ["arm", "gripper"]
+            cluster.add_node(num_cpus=3, object_store_memory=NODE_MEMORY)  # room again: Serve restarts it
+            wait_for(lambda: backend.replica_states().get("RUNNING") == 1, 60, "the replica to come back")
+            assert client.get_action(franka_observation())[0]["arm"].shape == (1, 16, 6)
     finally:
         assert server.stop(60)
     connected = ray.is_initialized()  # (through the module's other server, when it runs)
@@ -239,25 +242,6 @@ def test_autoscale_starts_at_min_and_scales_up_under_load(cluster):
 
 
 # -- the command line ----------------------------------------------------------------------------------------
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -322,9 +306,21 @@ def test_without_replicas_the_server_never_imports_ray():
     (["--replicas", "2", "--autoscale", "3"], "--autoscale expects MIN:MAX"),
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["--replicas", "5", "--autoscale", "1:4"], "--replicas 5 is outside --autoscale 1:4"),
+    (["--replicas", "1", "--replica-gpus", "64"], "each replica needs 64 GPUs (--replica-gpus) but the local Ray "
+                                                  "instance has 0"),
 ])
 def test_bad_replica_flags_fail_with_one_clear_line(flags, message):
     out = subprocess.run([sys.executable, "-m", "policyserve", "serve", "--port", "0", *flags],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr
+
+
+def test_replicas_that_cannot_load_the_checkpoint_end_serve_with_one_clear_line():
+    out = subprocess.run([sys.executable, "-m", "policyserve", "serve", "--port", "0", "--replicas", "1",
+                          "--model-path", "/nonexistent/ckpt"], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "policy replicas failed to start" in errors[0]
+    assert errors[0].endswith("model path /nonexistent/ckpt does not exist")

@@ -196,6 +196,12 @@ class RayBackend(Backend):
 
     def _deploy(self, build: Callable[[], BasePolicy]) -> Any:
         cfg = self.config
+        if self._started_ray:  # one node that will never grow: refuse what it cannot place at once
+            have = ray.cluster_resources()
+            for name, need in (("CPU", cfg.replica_cpus), ("GPU", cfg.replica_gpus)):
+                if need > have.get(name, 0):
+                    raise ReplicaStartError(f"each replica needs {need:g} {name}s (--replica-{name.lower()}s) but "
+                                            f"the local Ray instance has {have.get(name, 0):g}")
         serve.start(proxy_location="Disabled")
         options: dict[str, Any] = {
             "name": DEPLOYMENT, "max_ongoing_requests": 1, "max_constructor_retry_count": 3,
@@ -282,10 +288,14 @@ class RayBackend(Backend):
 
 
 def _app_message(app: Any) -> str:
+    """Serve's status messages on one line; a replica's traceback shortened to its summary and error."""
     if app is None:
         return "application not found"
-    parts = [app.message] if app.message else []
-    parts += [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    messages = [d.message for d in app.deployments.values() if d.message] or [app.message]
+    parts = []
+    for message in filter(None, messages):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        parts.append(lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
     return "; ".join(parts) or f"replica states {[dict(d.replica_states) for d in app.deployments.values()]}"
 
 
