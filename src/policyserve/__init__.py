@@ -3,7 +3,7 @@
 from .errors import (
     ConfigError, PolicyServeError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError, ValidationError,
 )
-from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
+from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicySpec, PolicyWrapper, SimPolicyWrapper
 from .protocol import PolicyClient, PolicyServer
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
     "ConstantPolicy", "EmbodimentTag", "Gr00tSimPolicyWrapper", "ModalityConfig", "ModalityDims", "PolicyClient",
-    "PolicyServeError", "PolicyServer", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError", "ServerError",
+    "PolicyServeError", "PolicyServer", "PolicySpec", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError", "ServerError",
     "SimPolicyWrapper", "UnauthorizedError", "ValidationError", "get_modality_configs", "load_modality_config_file",
     "register_modality_config", "registered_embodiments",
 ]
