@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import numpy as np
+import zmq
 
+from policyserve import ConstantPolicy
 from policyserve.policies.base import BasePolicy
 from policyserve.protocol.client import PolicyClient
+from policyserve.protocol.codec import packb, unpackb
 from policyserve.protocol.server import PolicyServer
 from policyserve.registry import get_embodiment_spec
 from policyserve.types import ModalityConfig
 
 LANG_KEY = "annotation.human.action.task_description"
+SPEC = get_embodiment_spec("franka_panda")
 
 
 def franka_observation(batch: int = 1, size: int = 32, state_dim_override: dict | None = None) -> dict:
@@ -70,3 +76,99 @@ class Served:
     def close(self) -> None:
         self.client.close()
         self.server.stop()
+
+
+class SlowPolicy(ConstantPolicy):
+    """A batchable policy costing ``delay`` s per call that echoes ``state.eef_pos[..., 0]`` into the arm
+    action (so splitting merged replies is checked) and logs its calls."""
+
+    def __init__(self, delay: float = 0.02, batchable: bool = True) -> None:
+        super().__init__(SPEC.modality_configs, SPEC.dims)
+        self.delay = delay
+        self.batchable = batchable
+        self.log: list[tuple[str, float, int]] = []  # (what, perf_counter at start, rows)
+        self.lock = threading.Lock()
+
+    def _get_action(self, observation, options=None):
+        rows = observation["state"]["eef_pos"].shape[0]
+        with self.lock:
+            self.log.append(("get_action", time.perf_counter(), rows))
+        time.sleep(self.delay)
+        action, info = super()._get_action(observation, options)
+        action["arm"][:] = observation["state"]["eef_pos"][:, -1:, :1]
+        return action, info
+
+    def reset(self, options=None):
+        with self.lock:
+            self.log.append(("reset", time.perf_counter(), 0))
+        return {"reset": True}
+
+
+def marked_observation(value: float, batch: int = 1) -> dict:
+    obs = franka_observation(batch=batch)
+    obs["state"]["eef_pos"][:] = value
+    return obs
+
+
+class Dealer:
+    """A pipelining DEALER client speaking the GR00T wire format (one msgpack frame per request)."""
+
+    def __init__(self, port: int) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def send(self, endpoint: str, data: dict | None = None, frames: list[bytes] | None = None) -> None:
+        body = packb({"endpoint": endpoint, "data": data})
+        self.sock.send_multipart([*(frames or []), body])
+
+    def recv(self, timeout_ms: int = 10000) -> object:
+        if not self.sock.poll(timeout_ms):
+            raise TimeoutError(f"no reply within {timeout_ms} ms")
+        return unpackb(self.sock.recv_multipart()[-1])
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def concurrently(calls: list, timeout: float = 20.0) -> list:
+    """Run the calls on threads at once; their results in order (exceptions re-raised)."""
+    results: list = [None] * len(calls)
+    errors: list = []
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a call did not finish in time"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

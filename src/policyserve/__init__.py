@@ -4,7 +4,7 @@ from .client import DriverConfig, KeyMap, PolicyDriver
 from .errors import (
     ConfigError, PolicyServeError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError, ValidationError,
 )
-from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
+from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicySpec, PolicyWrapper, SimPolicyWrapper
 from .policies.replay import ReplayPolicy
 from .protocol import PolicyClient, PolicyServer
 from .protocol.openpi_keymap import OpenpiKeyMap
@@ -34,7 +34,7 @@ __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
     "ConstantPolicy", "DriverConfig", "EmbodimentTag", "FrontDoor", "Gr00tSimPolicyWrapper", "KeyMap",
     "MetricsExporter", "ModalityConfig", "ModalityDims", "OpenpiFrontDoor", "OpenpiKeyMap", "PolicyClient",
-    "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicyTimeoutError", "PolicyWrapper", "ProtocolError",
-    "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError", "ValidationError", "get_modality_configs",
-    "load_modality_config_file", "register_modality_config", "registered_embodiments",
+    "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicySpec", "PolicyTimeoutError", "PolicyWrapper",
+    "ProtocolError", "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError", "ValidationError",
+    "get_modality_configs", "load_modality_config_file", "register_modality_config", "registered_embodiments",
 ]

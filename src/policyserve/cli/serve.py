@@ -16,9 +16,8 @@ import signal
 import sys
 from typing import Any
 
+from ..policies.factory import DEFAULT_EMBODIMENT
 from .common import add_api_token, add_server_address
-
-DEFAULT_EMBODIMENT = "franka_panda"
 
 
 def register(sub: Any) -> None:
@@ -63,6 +62,17 @@ def register(sub: Any) -> None:
                         "observation/wrist_image, observation/state, prompt -> actions)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: no metrics server)")
+    ray = p.add_argument_group("policy replicas on Ray (needs the 'ray' extra)")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="serve through N policy replicas on Ray Serve, each loading the policy itself (default: "
+                          "the policy runs in this process and Ray is not used)")
+    ray.add_argument("--ray-address", default=None,
+                     help="Ray cluster to place replicas on (e.g. 10.0.0.5:6379); default: start a local Ray instance")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs reserved per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs reserved per replica (default 0; use with --device cuda)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                     help="let Ray Serve scale the replicas between MIN and MAX with the load")
     p.set_defaults(func=run)
 
 
@@ -89,42 +99,42 @@ def front_doors(args: argparse.Namespace) -> list:
     return doors
 
 
-def _modality_source(args: argparse.Namespace):
-    from ..registry import get_embodiment_spec, load_modality_config_file
+def policy_spec(args: argparse.Namespace):
+    """The :class:`PolicySpec` the flags describe."""
+    from ..policies.factory import PolicySpec
 
-    if args.modality_config_path:
-        return load_modality_config_file(args.modality_config_path)
-    spec = get_embodiment_spec(args.embodiment_tag or DEFAULT_EMBODIMENT)
-    return spec.modality_configs, spec.dims
+    return PolicySpec(
+        model_path=args.model_path, device=args.device, dataset_path=args.dataset_path,
+        execution_horizon=args.execution_horizon, action_horizon=args.action_horizon, policy=args.policy,
+        embodiment_tag=args.embodiment_tag, modality_config_path=args.modality_config_path, strict=args.strict,
+        sim_wrapper=args.use_sim_policy_wrapper,
+    )
 
 
-def build_policy(args: argparse.Namespace):
-    """The policy the flags describe (without the sim wrapper)."""
-    if args.model_path:
-        from ..model import load_policy
+def _ray_backend(args: argparse.Namespace, spec):
+    """Policy replicas on Ray (``--replicas``/``--autoscale``), else None; Ray is imported only here."""
+    ray_flags = {"--ray-address": args.ray_address, "--replica-cpus": args.replica_cpus,
+                 "--replica-gpus": args.replica_gpus}
+    if args.replicas is None and args.autoscale is None:
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            from ..errors import ConfigError
 
-        return load_policy(args.model_path, embodiment_tag=args.embodiment_tag, device=args.device,
-                           strict=args.strict)
-    if args.dataset_path:
-        from ..policies.replay import make_replay_policy
-
-        return make_replay_policy(
-            args.dataset_path, args.execution_horizon, embodiment_tag=args.embodiment_tag,
-            modality_config_path=args.modality_config_path, action_horizon=args.action_horizon, strict=args.strict,
-        )
-    if args.policy and args.policy.startswith("scripted"):
-        from ..sim.scripted import make_scripted_policy
-
-        _, _, task = args.policy.partition(":")
-        return make_scripted_policy(task or "lift")
-    if args.policy not in (None, "constant"):
+            raise ConfigError(f"{', '.join(given)} needs --replicas N (or --autoscale MIN:MAX)")
+        return None
+    try:
+        from ..serving.ray_backend import RayBackend, RayConfig, parse_autoscale
+    except ImportError as exc:
         from ..errors import ConfigError
 
-        raise ConfigError(f"unknown --policy {args.policy!r}; expected scripted:lift, scripted:stack or constant")
-    from ..policies.constant import ConstantPolicy
-
-    configs, dims = _modality_source(args)
-    return ConstantPolicy(configs, dims, strict=args.strict)
+        raise ConfigError(f"--replicas needs Ray ({exc}): pip install 'policyserve[ray]'") from None
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    replicas = args.replicas if args.replicas is not None else autoscale[0]  # type: ignore[index]
+    config = RayConfig(replicas=replicas, ray_address=args.ray_address,
+                       replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+                       replica_gpus=args.replica_gpus or 0.0, autoscale=autoscale)
+    print(f"  Starting policy replicas on Ray{' at ' + args.ray_address if args.ray_address else ''}...", flush=True)
+    return RayBackend(spec.build, config, stateful=spec.stateful)
 
 
 def _describe(args: argparse.Namespace) -> list[str]:
@@ -161,18 +171,21 @@ def _describe(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import PolicyServeError
-    from ..policies.sim_wrapper import SimPolicyWrapper
     from ..protocol.server import PolicyServer
 
     print("Starting policyserve inference server...", flush=True)
     for line in _describe(args):
         print(line, flush=True)
+    backend = None
     try:
-        policy = build_policy(args)
-        if args.use_sim_policy_wrapper:
-            policy = SimPolicyWrapper(policy, strict=args.strict)
+        spec = policy_spec(args)
         doors = front_doors(args)
-        server = PolicyServer(policy, host=args.host, port=None if args.protocol == "openpi" else args.port,
+        backend = _ray_backend(args, spec)
+        if backend is not None:
+            for line in backend.describe():
+                print(line, flush=True)
+        server = PolicyServer(None if backend else spec.build(), backend=backend, host=args.host,
+                              port=None if args.protocol == "openpi" else args.port,
                               api_token=args.api_token,
                               max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                               max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
@@ -182,7 +195,11 @@ def run(args: argparse.Namespace) -> int:
         for door in doors:
             server.add_front_door(door)
         server.bind()
-    except (PolicyServeError, OSError, ValueError) as exc:
+    except (PolicyServeError, OSError, ValueError, KeyboardInterrupt) as exc:
+        if backend is not None:
+            backend.close()
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except ImportError as exc:

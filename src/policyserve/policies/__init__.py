@@ -2,9 +2,10 @@
 
 from .base import Action, BasePolicy, Info, Observation, PolicyWrapper
 from .constant import ConstantPolicy
+from .factory import PolicySpec
 from .sim_wrapper import Gr00tSimPolicyWrapper, SimPolicyWrapper
 
 __all__ = [
-    "Action", "BasePolicy", "ConstantPolicy", "Gr00tSimPolicyWrapper", "Info", "Observation", "PolicyWrapper",
-    "SimPolicyWrapper",
+    "Action", "BasePolicy", "ConstantPolicy", "Gr00tSimPolicyWrapper", "Info", "Observation", "PolicySpec",
+    "PolicyWrapper", "SimPolicyWrapper",
 ]

@@ -1,0 +1,67 @@
+"""One policy replica: the class a Ray Serve deployment runs on any node of the cluster.
+
+It builds its own policy (loads the checkpoint itself) from a picklable zero-argument callable such
+as :meth:`policyserve.policies.factory.PolicySpec.build`, answers the merged batches the front door's
+scheduler sends, and names itself in each reply's ``server_timing["replica"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import PolicyServeError
+from ..policies.base import ActionRequest, BasePolicy
+from .scheduler import error_message
+
+
+class PolicyCallError(PolicyServeError):
+    """A policy error raised in a replica, carried back as text (the policy's own exception types
+    need not survive pickling); the message is what the in-process server would answer."""
+
+
+class PolicyReplica:
+    """Serve deployment body: ``describe``, ``get_action`` (a merged batch), ``reset``, ``check_health``."""
+
+    def __init__(self, build: Callable[[], BasePolicy]) -> None:
+        import ray
+        from ray import serve
+
+        self.policy = build()
+        self.name = serve.get_replica_context().replica_id.to_full_id_str()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def describe(self) -> dict[str, Any]:
+        """What the front door answers without a replica call: modality config, batching attributes."""
+        return {
+            "modality_config": self.policy.get_modality_config(),
+            "batchable": bool(getattr(self.policy, "batchable", False)),
+            "row_options": frozenset(getattr(self.policy, "row_options", frozenset())),
+            "replica": self.name,
+        }
+
+    def get_action(self, requests: Sequence[ActionRequest]) -> list[Any]:
+        """One outcome per request: ``(action, info)`` with ``info["server_timing"]["replica"]``, or a
+        :class:`PolicyCallError`."""
+        outcomes = []
+        for outcome in self.policy.serve_get_action(requests):
+            if isinstance(outcome, BaseException):
+                outcomes.append(PolicyCallError(error_message(outcome)))
+                continue
+            action, info = outcome
+            info = dict(info)
+            info["server_timing"] = {**info.get("server_timing", {}), "replica": self.name,
+                                     "replica_node": self.node}
+            outcomes.append((action, info))
+        return outcomes
+
+    def reset(self, options: dict | None, client: str) -> Any:
+        """The policy's reset result, or a :class:`PolicyCallError` (returned, not raised)."""
+        try:
+            return self.policy.serve_reset(options, client)
+        except Exception as exc:  # noqa: BLE001 - answered to the client by the front door
+            return PolicyCallError(error_message(exc))
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the policy must still answer its modality config."""
+        self.policy.get_modality_config()
