@@ -34,8 +34,9 @@ def import_ray() -> Any:
 @contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_mb: int = 200) -> Iterator[Any]:
-    """Ray connected to ``address``, or a local instance with ``num_cpus`` CPUs (default: this machine's count)
-    and a ``object_store_mb`` MB object store; yields the ``ray`` module (see module docstring)."""
+    """Ray connected to ``address``, or a local instance with ``num_cpus`` CPUs (default: this machine's count),
+    a ``object_store_mb`` MB object store and worker processes at normal priority; yields the ``ray`` module
+    (see module docstring)."""
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -48,8 +49,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
             ray.init(address=address, **common)
         else:
             # "local": a new instance even when another Ray runs on this machine (ray.init() would join it)
+            # worker_niceness 0: the workers run at the priority of a single-process run (Ray's default, nice 15,
+            # lets any other busy process on the machine take their cores)
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
-                     object_store_memory=object_store_mb * 2**20, include_dashboard=False, **common)
+                     object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+                     _system_config={"worker_niceness": 0}, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -155,7 +156,7 @@ def plot_summary(report: AggregateComparison, path: str | Path) -> None:
     demos = report.demos
     x = np.arange(len(demos))
     labels = [str(d.demo_index) for d in demos]
-    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.45 * len(demos) + 3), 7), sharex=True,
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.45 * len(demos) + 3), 7), sharex=True,
                              gridspec_kw={"height_ratios": [3, 2, 1.2]})
     ax = axes[0]
     for i, d in enumerate(demos):
@@ -166,8 +167,7 @@ def plot_summary(report: AggregateComparison, path: str | Path) -> None:
             ax.bar(i, d.divergence_step, color="tab:red")
             ax.text(i, d.divergence_step, str(d.divergence_step), ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("first divergence step")
-    ax.set_title("red: step where model and replay end effectors first diverge | green hatched: never diverged "
-                 "(bar = steps compared)", fontsize=8)
+    ax.set_title("first eef divergence step (red) | never diverged: green hatched, bar = steps compared", fontsize=8)
     ax = axes[1]
     threshold = float(report.config.get("eef_threshold", 0.0))
     ax.bar(x, [d.max_eef_distance for d in demos],
@@ -185,7 +185,7 @@ def plot_summary(report: AggregateComparison, path: str | Path) -> None:
     ax.set_ylabel("success")
     ax.set_xticks(x, labels)
     ax.set_xlabel("demo index")
-    fig.suptitle(report.summary_line(), fontsize=9)
+    fig.suptitle(textwrap.fill(report.summary_line(), 100), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
