@@ -208,9 +208,17 @@ class WorkerPool:
                     if self.config.on_result is not None:
                         self.config.on_result(self, item)
         finally:
-            for worker in list(self.workers.values()):
-                ray.kill(worker.handle)
+            self._stop_workers()
         return done
+
+    def _stop_workers(self) -> None:
+        """Idle workers close their envs, clients and temporary folder (bounded wait); then every worker is killed."""
+        ray = self.ray
+        idle = [w for w in self.workers.values() if w.started and w.call is None]
+        if idle:
+            ray.wait([w.handle.close.remote() for w in idle], num_returns=len(idle), timeout=10.0)
+        for worker in self.workers.values():
+            ray.kill(worker.handle)
 
     def worker_info(self) -> list[dict[str, Any]]:
         """Every worker's node, pid and latest stats (dead ones with ``"died": True``)."""
@@ -255,6 +263,10 @@ class _Worker:
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def close(self) -> None:
+        """Close the envs, clients and temporary folder."""
+        self.stack.close()
 
 
 class RolloutWorker(_Worker):
