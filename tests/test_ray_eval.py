@@ -288,7 +288,7 @@ def demos(tmp_path_factory):
 
 def compare_config(out, **kwargs) -> ComparisonConfig:
     return ComparisonConfig(env=ENV, hdf5_path=str(kwargs.pop("hdf5")), max_steps=20, eef_threshold=0.005,
-                            output_dir=str(out), progress=False, **kwargs)
+                            output_dir=None if out is None else str(out), progress=False, **kwargs)
 
 
 ROW_KEYS = ("demo_index", "steps", "divergence_step", "action_divergence_step", "max_eef_distance",

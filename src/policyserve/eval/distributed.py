@@ -254,7 +254,13 @@ class _Worker:
         os.environ.update(env_vars)
         self.error: Exception | None = None
         self.stack = ExitStack()
-        self.tmp = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="policyserve-worker-")))
+        self._tmp: Path | None = None
+
+    def temp_folder(self) -> Path:
+        """This worker's temporary folder for the files it sends back (made on first use)."""
+        if self._tmp is None:
+            self._tmp = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="policyserve-worker-")))
+        return self._tmp
 
     def ready(self) -> dict[str, Any]:
         """Where the worker runs; raises the error that stopped it from starting."""
@@ -275,8 +281,9 @@ class RolloutWorker(_Worker):
     def __init__(self, server: ServerAddress, config: RolloutConfig, n_envs: int, env_vars: dict[str, str]) -> None:
         super().__init__(env_vars)
         try:
-            cfg = replace(config, video_dir=str(self.tmp) if config.video_dir else None, progress=False)
-            self.runner = self.stack.enter_context(open_runner(server.connect(), cfg, n_envs, owns_policy=True))
+            policy = server.connect()  # first: a worker that cannot connect leaves no folder behind
+            cfg = replace(config, video_dir=str(self.temp_folder()) if config.video_dir else None, progress=False)
+            self.runner = self.stack.enter_context(open_runner(policy, cfg, n_envs, owns_policy=True))
         except Exception as exc:  # noqa: BLE001 - reported by ready(), with its own message
             self.error = exc
             self.stack.close()
@@ -313,7 +320,7 @@ class CompareWorker(_Worker):
     def work(self, demos: list[int]) -> tuple[list[tuple[int, Any]], dict[str, Any]]:
         out = []
         for demo in demos:
-            folder = self.tmp / f"demo_{demo}"
+            folder = self.temp_folder() / f"demo_{demo}"
             cfg = replace(self.config, demo_index=demo, output_dir=str(folder) if self.config.output_dir else None,
                           progress=False)
             result = run_comparison(self.model, self.replay, cfg)
