@@ -50,3 +50,29 @@ def test_replay_over_loopback(client: PolicyClient, gr1_dataset_path: Path) -> N
         client.reset({"episode_index": 0, "step_index": 500})
     action, info = client.get_action(None, {"batch_size": 1})
     assert info["current_step"] == 24 and info["episode_index"] == 2
+
+
+def test_each_client_keeps_its_own_replay_cursor(client: PolicyClient, gr1_dataset_path: Path) -> None:
+    """Two clients of one replay server (e.g. two distributed comparison workers) do not move each other's cursor."""
+    raw = {e: LeRobotDataset(gr1_dataset_path).read_columns(e, ["action"])["action"].astype(np.float32)
+           for e in (1, 3)}
+    keys = client.get_modality_config()["action"].modality_keys
+    other = PolicyClient("127.0.0.1", client.port, timeout_ms=10000)
+    try:
+        assert client.reset({"episode_index": 1, "step_index": 0})["current_step"] == 0
+        assert other.reset({"episode_index": 3, "step_index": 40})["episode_index"] == 3
+        for step in (0, 8, 16):
+            action, info = client.get_action(None, {"batch_size": 1})
+            assert (info["episode_index"], info["current_step"]) == (1, step)
+            np.testing.assert_array_equal(np.concatenate([action[k] for k in keys], axis=2)[0], raw[1][step:step + 16])
+            action, info = other.get_action(None, {"batch_size": 1})
+            assert (info["episode_index"], info["current_step"]) == (3, 40 + step)
+            np.testing.assert_array_equal(np.concatenate([action[k] for k in keys], axis=2)[0],
+                                          raw[3][40 + step:56 + step])
+        # a bad reset from one client leaves both cursors where they were
+        with pytest.raises(ServerError, match="episode_index 9 is not in dataset"):
+            other.reset({"episode_index": 9})
+        assert client.get_action(None, {"batch_size": 1})[1]["current_step"] == 24
+        assert other.get_action(None, {"batch_size": 1})[1]["current_step"] == 64
+    finally:
+        other.close()

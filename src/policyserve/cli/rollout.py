@@ -3,6 +3,8 @@
 Counts exactly --n-episodes episodes (episode k seeded --seed + k, whichever env runs it), executes
 --n-action-steps of each returned chunk, and prints per-episode results, the success rate with a
 Wilson 95% interval and the mean return; --report writes them as JSON, --video-dir as MP4s.
+With --workers K the episodes run on K Ray worker actors (each with --n-envs envs, reaching the policy server
+at --host/--port over the network); results, videos and the report land here, as without workers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import add_api_token, parse_size
+from .common import add_api_token, add_ray_arguments, distributed_config_from_args, parse_size
 
 
 def add_env_arguments(p: argparse.ArgumentParser, *, default_size: str = "128") -> None:
@@ -88,13 +90,14 @@ def register(sub: Any) -> None:
     p.add_argument("--hdf5-path", default=None, help="start episodes from recorded demo states (replay servers)")
     p.add_argument("--demo-indices", type=int, nargs="+", default=None,
                    help="with --hdf5-path: episode k starts from demo demo_indices[k %% len] (default 0)")
+    add_ray_arguments(p, "episodes")
     add_env_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..client.connect import ServerUnavailableError, connect_policy
-    from ..errors import PolicyServeError
+    from ..errors import ConfigError, PolicyServeError
     from ..eval.rollout import RolloutConfig, run_rollout
 
     client = None
@@ -105,14 +108,26 @@ def run(args: argparse.Namespace) -> int:
             demo_indices=args.demo_indices, video_dir=args.video_dir, max_videos=args.max_videos,
             progress=not args.quiet,
         )
-        if args.policy == "scripted":
+        dist = distributed_config_from_args(args)
+        if dist is not None:
+            if args.policy:
+                raise ConfigError("--workers runs the episodes against a policy server (--host/--port); "
+                                  "--policy scripted runs in this process only")
+            from ..eval.distributed import ServerAddress, run_distributed_rollout
+
+            report = run_distributed_rollout(
+                ServerAddress(args.host, args.port, args.api_token, args.timeout_ms), config, dist,
+                report_path=args.report)
+        elif args.policy == "scripted":
             from ..sim.scripted import make_scripted_policy
 
-            policy = make_scripted_policy(args.task)
+            report = run_rollout(make_scripted_policy(args.task), config, report_path=args.report)
         else:
-            policy = client = connect_policy(args.host, args.port, api_token=args.api_token,
-                                             timeout_ms=args.timeout_ms)
-        report = run_rollout(policy, config, report_path=args.report)
+            client = connect_policy(args.host, args.port, api_token=args.api_token, timeout_ms=args.timeout_ms)
+            report = run_rollout(client, config, report_path=args.report)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
     except ServerUnavailableError as exc:
         print(f"error: {exc}; {server_hint(args.port)}", file=sys.stderr, flush=True)
         return 2
@@ -131,4 +146,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {args.report}")
     if args.video_dir:
         print(f"videos: {args.video_dir}")
+    if "workers" in t:
+        print(f"{t['workers']} workers on {t['worker_nodes']} node(s), peak memory per worker (MiB): "
+              f"{t['worker_peak_rss_mb']}; {t['worker_failures']} worker failure(s), re-run episodes: "
+              f"{t['requeued'] or 'none'}")
     return 0

@@ -117,9 +117,15 @@ class ComparisonResult:
         return {"summary": self.summary(), "action_keys": self.action_keys, "action_dims": self.action_dims,
                 "config": self.config, "files": self.files, "steps": [asdict(s) for s in self.steps]}
 
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
 
-def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) -> int:
-    """Number of samples of ``demo_<demo_index>``; :class:`ConfigError` naming the valid range otherwise."""
+
+def hdf5_demo_indices(hdf5_path: str | Path) -> list[int]:
+    """The indices N of the ``data/demo_N`` groups of a recorded HDF5 file, sorted."""
     import h5py
 
     path = Path(hdf5_path)
@@ -127,8 +133,18 @@ def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) ->
         raise ConfigError(f"HDF5 demo file not found: {path}")
     with h5py.File(path, "r") as f:
         data = f.get("data")
-        demos = sorted(int(k[5:]) for k in (data.keys() if data is not None else []) if k.startswith("demo_")
-                       and k[5:].isdigit())
+        return sorted(int(k[5:]) for k in (data.keys() if data is not None else []) if k.startswith("demo_")
+                      and k[5:].isdigit())
+
+
+def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) -> int:
+    """Number of samples of ``demo_<demo_index>``; :class:`ConfigError` naming the valid range otherwise."""
+    import h5py
+
+    path = Path(hdf5_path)
+    demos = hdf5_demo_indices(path)
+    with h5py.File(path, "r") as f:
+        data = f.get("data")
         if demo_index not in demos:
             have = f"demo indices {demos[0]}..{demos[-1]}" if demos else "no demos"
             raise ConfigError(f"demo index {demo_index} is out of range: {path} has {have} ({len(demos)} demos)")
@@ -271,7 +287,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         result.files = save_outputs(result, out)
         if writer is not None and writer.num_frames:
             result.files["video"] = str(writer.path)
-        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2))
+        result.save_json(out / "comparison.json")
     return result
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,8 @@ class EpisodeResult:
     env_id: int
     demo_index: int | None = None
     video: str | None = None
+    worker: int | None = None
+    """The distributed worker that ran it (None in a single-process rollout)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -174,8 +178,21 @@ class _Slot:
     text: str = ""
 
 
-class _Runner:
-    """State of one rollout: envs, the driver, the episode each env runs, timing."""
+def print_progress(bar: Any, result: EpisodeResult, done: Sequence[EpisodeResult]) -> None:
+    """Advance a rollout's progress bar by one finished episode and print its line (``done`` includes it)."""
+    if bar is None:
+        return
+    bar.update(1)
+    bar.set_postfix(success=f"{sum(r.success for r in done)}/{len(done)}")
+    bar.write(f"episode {result.episode}: success={result.success} steps={result.steps} return={result.reward:.2f}")
+
+
+class RolloutRunner:
+    """The envs of one rollout process, the driver stepping them, and the episode each env runs.
+
+    Episodes are run by index (``run`` or ``advance``): episode ``k`` starts from the state built for ``k``
+    alone, so any runner (in this process or a distributed worker) gives the same result for it.
+    """
 
     def __init__(self, driver: PolicyDriver, config: RolloutConfig, envs: Sequence[Any],
                  template: Any | None = None) -> None:
@@ -185,19 +202,18 @@ class _Runner:
         self.slots: list[_Slot | None] = [None] * self.n_envs
         self.last_obs: list[dict[str, Any]] = [{} for _ in range(self.n_envs)]
         self.results: list[EpisodeResult] = []
-        self.next_episode = 0
+        self.queue: deque[int] = deque()
         self.env_time = 0.0
         self.env_steps = 0
         self.bar: Any = None
 
     def start_episode(self, env_id: int) -> None:
-        """Give env ``env_id`` the next episode (reset it and the driver for it), or mark it idle."""
+        """Give env ``env_id`` the next queued episode (reset it and the driver for it), or mark it idle."""
         cfg = self.config
-        if self.next_episode >= cfg.n_episodes:
+        if not self.queue:
             self.slots[env_id] = None
             return
-        k = self.next_episode
-        self.next_episode += 1
+        k = self.queue.popleft()
         env = self.envs[env_id]
         seed = cfg.seed + k
         demo = None
@@ -244,11 +260,7 @@ class _Runner:
                 slot.writer.path.replace(final)
                 result.video = str(final)
         self.results.append(result)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(success=f"{sum(r.success for r in self.results)}/{len(self.results)}")
-            self.bar.write(f"episode {result.episode}: success={result.success} steps={result.steps} "
-                           f"return={result.reward:.2f}")
+        print_progress(self.bar, result, self.results)
         self.start_episode(env_id)
 
     def step_env(self, env_id: int, action: np.ndarray) -> None:
@@ -268,17 +280,45 @@ class _Runner:
         if terminated or truncated or r.steps >= self.config.max_episode_steps:
             self.finish_episode(env_id)
 
-    def run(self) -> list[EpisodeResult]:
+    def _fill(self, episodes: Sequence[int]) -> None:
+        self.queue.extend(int(k) for k in episodes)
         for env_id in range(self.n_envs):
-            self.start_episode(env_id)
-        while True:
-            active = [s is not None for s in self.slots]
-            if not any(active):
-                break
-            actions = self.driver.act(batch_observations(self.last_obs, self.keys), active)
-            for env_id in np.flatnonzero(active):
-                self.step_env(int(env_id), actions[env_id])
+            if self.slots[env_id] is None:
+                self.start_episode(env_id)
+
+    def _step_all(self) -> bool:
+        """One step of every busy env; False when no env is busy."""
+        active = [s is not None for s in self.slots]
+        if not any(active):
+            return False
+        actions = self.driver.act(batch_observations(self.last_obs, self.keys), active)
+        for env_id in np.flatnonzero(active):
+            self.step_env(int(env_id), actions[env_id])
+        return True
+
+    def run(self, episodes: Sequence[int]) -> list[EpisodeResult]:
+        """Run ``episodes`` (indices) to the end, envs taking the next one as they free up; sorted results."""
+        self._fill(episodes)
+        while self._step_all():
+            pass
         return sorted(self.results, key=lambda r: r.episode)
+
+    def advance(self, episodes: Sequence[int] = ()) -> list[EpisodeResult]:
+        """Queue ``episodes``, then step until at least one episode finishes; returns the ones that finished.
+
+        Returns ``[]`` only when no episode is running or queued.
+        """
+        self._fill(episodes)
+        before = len(self.results)
+        while len(self.results) == before and self._step_all():
+            pass
+        return self.results[before:]
+
+    def stats(self) -> dict[str, float]:
+        """Env steps and time, policy queries and time of this runner so far."""
+        s = self.driver.stats
+        return {"env_steps": self.env_steps, "env_time_s": self.env_time, "policy_queries": s.queries,
+                "policy_time_s": s.policy_time_s, "policy_wait_s": s.wait_time_s}
 
     def close(self) -> None:
         for slot in self.slots:
@@ -286,16 +326,27 @@ class _Runner:
                 slot.writer.close()
 
 
-def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any] | None = None,
-                report_path: str | Path | None = None) -> RolloutReport:
-    """Evaluate ``policy`` for exactly ``config.n_episodes`` episodes; optionally write the JSON report.
+def rollout_timing(wall: float, stats: dict[str, float]) -> dict[str, float]:
+    """The report's ``timing``: wall time, env steps per second and policy shares from :meth:`RolloutRunner.stats`."""
+    return {
+        "wall_s": wall,
+        "env_steps": stats["env_steps"],
+        "env_steps_per_s": stats["env_steps"] / wall if wall > 0 else 0.0,
+        "policy_queries": stats["policy_queries"],
+        "policy_time_s": stats["policy_time_s"],
+        "policy_share": stats["policy_time_s"] / wall if wall > 0 else 0.0,
+        "policy_wait_s": stats["policy_wait_s"],
+        "policy_wait_share": stats["policy_wait_s"] / wall if wall > 0 else 0.0,
+        "env_time_s": stats["env_time_s"],
+    }
 
-    ``policy`` is any :class:`BasePolicy`: a :class:`~policyserve.protocol.client.PolicyClient` or a local
-    policy. ``envs`` (a list of Franka envs) overrides the ones built from ``config`` (at most
-    ``n_episodes`` of them are used); envs passed in are not closed.
-    """
-    n_envs = min(config.n_envs, config.n_episodes)
-    driver = PolicyDriver(policy, n_envs, config.driver)
+
+@contextmanager
+def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *, envs: Sequence[Any] | None = None,
+                owns_policy: bool = False) -> Iterator[RolloutRunner]:
+    """A :class:`RolloutRunner` over ``n_envs`` envs built from ``config`` (or the given ``envs``); closes the
+    envs it built and the driver (and the policy with ``owns_policy``) on exit."""
+    driver = PolicyDriver(policy, n_envs, config.driver, owns_policy=owns_policy)
     own_envs: list[Any] = []
     try:
         if envs is None:
@@ -311,37 +362,44 @@ def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any
 
             template = make_env(config.env.task, camera_names=(), max_episode_steps=config.max_episode_steps)
             own_envs.append(template)
+            # Built now, from ``seed``: the objects it draws at build time then do not depend on which episode
+            # this process happens to run first.
+            template.reset(seed=config.seed)
         driver.action_dim = int(env_list[0].action_space.shape[0])
-        runner = _Runner(driver, config, env_list, template)
+        runner = RolloutRunner(driver, config, env_list, template)
+        try:
+            yield runner
+        finally:
+            runner.close()
+    finally:
+        driver.close()
+        for env in own_envs:
+            env.close()
+
+
+def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any] | None = None,
+                report_path: str | Path | None = None) -> RolloutReport:
+    """Evaluate ``policy`` for exactly ``config.n_episodes`` episodes; optionally write the JSON report.
+
+    ``policy`` is any :class:`BasePolicy`: a :class:`~policyserve.protocol.client.PolicyClient` or a local
+    policy. ``envs`` (a list of Franka envs) overrides the ones built from ``config`` (at most
+    ``n_episodes`` of them are used); envs passed in are not closed. To run the episodes on a Ray cluster,
+    see :func:`policyserve.eval.distributed.run_distributed_rollout`.
+    """
+    with open_runner(policy, config, min(config.n_envs, config.n_episodes), envs=envs) as runner:
         start = time.perf_counter()
         try:
             if config.progress:
                 from tqdm.auto import tqdm
 
                 runner.bar = tqdm(total=config.n_episodes, desc=f"rollout {config.env.task}", unit="ep")
-            results = runner.run()
+            results = runner.run(range(config.n_episodes))
         finally:
-            runner.close()
             if runner.bar is not None:
                 runner.bar.close()
         wall = time.perf_counter() - start
-    finally:
-        driver.close()
-        for env in own_envs:
-            env.close()
-    stats = driver.stats
-    timing = {
-        "wall_s": wall,
-        "env_steps": runner.env_steps,
-        "env_steps_per_s": runner.env_steps / wall if wall > 0 else 0.0,
-        "policy_queries": stats.queries,
-        "policy_time_s": stats.policy_time_s,
-        "policy_share": stats.policy_time_s / wall if wall > 0 else 0.0,
-        "policy_wait_s": stats.wait_time_s,
-        "policy_wait_share": stats.wait_time_s / wall if wall > 0 else 0.0,
-        "env_time_s": runner.env_time,
-    }
-    report = RolloutReport(results, config_dict(config), timing)
+        stats = runner.stats()
+    report = RolloutReport(results, config_dict(config), rollout_timing(wall, stats))
     if report_path is not None:
         report.save_json(report_path)
     return report

@@ -7,11 +7,18 @@ through the dataset's demo map) and start step; a list of indices replays a diff
 environments, and ``env_ids`` resets some envs only (the others keep their cursors). Every reply's ``info``
 says ``"replay": True`` and the ``execution_horizon``, so clients can follow the cursor (GR00T clients ignore
 extra info keys).
+
+Served, every client (connection) has its own cursors: one client's ``reset`` and ``get_action`` leave the
+others' episodes and steps alone, so several comparisons (e.g. distributed workers) can share one replay
+server. A new client starts at the first episode, step 0; a client that reconnects is a new client.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,7 @@ from ..data.lerobot import DatasetError, LeRobotDataset
 from ..errors import ConfigError
 from ..registry import get_modality_configs, load_modality_config_file, parse_modality_configs
 from ..types import EmbodimentTag, ModalityConfigs, ModalityDims
-from .base import Action, BasePolicy, Info, Observation
+from .base import Action, ActionRequest, BasePolicy, Info, Observation
 from .validation import action_horizon
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,9 @@ def _as_index(value: Any, what: str) -> int:
 
 class ReplayPolicy(BasePolicy):
     """Replays a LeRobot dataset's actions; observations are validated (when strict) but otherwise ignored."""
+
+    MAX_CLIENTS = 4096
+    """Served clients whose cursors are kept; the least recently seen one is forgotten beyond this."""
 
     def __init__(
         self,
@@ -75,6 +85,34 @@ class ReplayPolicy(BasePolicy):
         self._steps = [0]
         self._per_env = False
         self._dims = {k: v.shape[1] for k, v in self._actions(self._episodes[0]).items()}
+        self._clients: OrderedDict[str, tuple[list[int], list[int], bool]] = OrderedDict()
+
+    # ---- serving: one cursor per client ---------------------------------------------------------------------
+
+    @contextmanager
+    def _cursor_of(self, client: str) -> Iterator[None]:
+        """Run with ``client``'s cursors in place (a new client's start at the first episode, step 0)."""
+        own = (self._episodes, self._steps, self._per_env)
+        fresh = ([self.dataset.episode_indices[0]], [0], False)
+        self._episodes, self._steps, self._per_env = self._clients.pop(client, fresh)
+        try:
+            yield
+        finally:
+            self._clients[client] = (self._episodes, self._steps, self._per_env)
+            while len(self._clients) > self.MAX_CLIENTS:
+                self._clients.popitem(last=False)
+            self._episodes, self._steps, self._per_env = own
+
+    def serve_reset(self, options: dict | None = None, client: str = "") -> Info:
+        with self._cursor_of(client):
+            return self.reset(options)
+
+    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+        outcomes: list[tuple[Action, Info] | Exception] = []
+        for request in requests:
+            with self._cursor_of(request.client):
+                outcomes += super().serve_get_action([request])
+        return outcomes
 
     def _check_keys_in_dataset(self) -> None:
         known = {"action": self.dataset.action_keys, "state": self.dataset.state_keys, "video": self.dataset.video_keys}
