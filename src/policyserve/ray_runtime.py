@@ -9,9 +9,11 @@ the modules that run on it, so commands without ``--workers`` never import it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, PolicyServeError
@@ -31,19 +33,26 @@ def import_ray() -> Any:
     return ray
 
 
-@contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None,
-                object_store_mb: int = 200) -> Iterator[Any]:
-    """Ray connected to ``address``, or a local instance with ``num_cpus`` CPUs (default: this machine's count),
-    a ``object_store_mb`` MB object store and worker processes at normal priority; yields the ``ray`` module
-    (see module docstring)."""
+@dataclass(frozen=True)
+class RayConnection:
+    """What :func:`join_ray` did: ``connected`` (this call initialised Ray: shut it down when done) and
+    ``local`` (it started a local instance, which goes away with the shutdown)."""
+
+    ray: Any
+    connected: bool
+    local: bool
+
+
+def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int = 200) -> RayConnection:
+    """Connect to the cluster at ``address``, or start a local instance with ``num_cpus`` CPUs (default: this
+    machine's count), an ``object_store_mb`` MB object store and worker processes at normal priority. Ray that
+    is already initialised in this process is used as it is (``connected=False``)."""
     ray = import_ray()
     if ray.is_initialized():
-        yield ray
-        return
+        return RayConnection(ray, connected=False, local=False)
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
-    common = {"log_to_driver": False, "configure_logging": False}
+    common = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **common)
@@ -58,7 +67,17 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RayUnavailableError(f"could not start or reach {where}: {exc}") from None
+    return RayConnection(ray, connected=True, local=not address)
+
+
+@contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None,
+                object_store_mb: int = 200) -> Iterator[Any]:
+    """:func:`join_ray` for the body of a ``with``; yields the ``ray`` module and shuts down what it started
+    (see module docstring)."""
+    connection = join_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb)
     try:
-        yield ray
+        yield connection.ray
     finally:
-        ray.shutdown()
+        if connection.connected:
+            connection.ray.shutdown()

@@ -29,6 +29,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..errors import ConfigError, PolicyServeError
+from ..ray_runtime import RayUnavailableError, join_ray
 from ..policies.base import BasePolicy
 from ..types import ModalityConfigs
 from .backend import Backend, Outcome, to_action_request
@@ -179,19 +180,12 @@ class RayBackend(Backend):
     # -- setup -----------------------------------------------------------------------------------
     def _connect(self) -> None:
         cfg = self.config
-        if ray.is_initialized():
-            return  # the caller's Ray session: used as it is, left connected
-        if cfg.ray_address:
-            try:
-                ray.init(address=cfg.ray_address, log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ReplicaStartError(f"cannot connect to the Ray cluster at {cfg.ray_address}: {exc}") from None
-        else:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.max_replicas * cfg.replica_cpus)),
-                     object_store_memory=cfg.local_object_store_mb * 1024 * 1024, include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.WARNING)
-            self._started_ray = True
-        self._connected = True
+        try:
+            connection = join_ray(cfg.ray_address, object_store_mb=cfg.local_object_store_mb,
+                                  num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.max_replicas * cfg.replica_cpus)))
+        except RayUnavailableError as exc:
+            raise ReplicaStartError(str(exc)) from None
+        self._connected, self._started_ray = connection.connected, connection.local
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
     def _deploy(self, build: Callable[[], BasePolicy]) -> Any:
