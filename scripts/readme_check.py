@@ -47,6 +47,12 @@ REDUCE = [  # (pattern, replacement): applied to every command and snippet
     (r"--max-episode-steps \d+", "--max-episode-steps 40"),
     (r"--minutes \d+", "--minutes 0.1"),
     (r"range\(1000\)", "range(30)"),
+    (r"--workers \d+", "--workers 2"),
+    (r"--replicas \d+", "--replicas 2"),
+    (r"HEAD_IP|POLICY_HOST", "127.0.0.1"),
+    (r"--host 0\.0\.0\.0", "--host 127.0.0.1"),  # the check sends traffic to loopback only
+    (r" --replica-gpus \d+ --device cuda", ""),  # no GPU here: the same command on CPUs
+    (r"/shared/ckpt", "OUT/checkpoint-2000"),
 ]
 BENCHMARK_ARGS = {  # reduced sizes for each benchmark script
     "protocol.py": "--iters 5", "serving.py": "--seconds 1 --clients 2 --image-size 32",
@@ -113,6 +119,7 @@ class Checker:
     def __init__(self, work: Path, timeout: float) -> None:
         self.work, self.timeout = work, timeout
         self.background: list[subprocess.Popen] = []
+        self.ray_started = False
         self.env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
 
     # -- processes -----------------------------------------------------------------------------------
@@ -201,15 +208,24 @@ class Checker:
                 self.command(command, f"README line {block.line} ({block.section})")
         finally:
             self.stop_all()
+            if self.ray_started:
+                subprocess.run(["ray", "stop", "--force"], cwd=self.work, env=self.env, capture_output=True,
+                               timeout=120)
+                self.ray_started = False
 
     def command(self, command: str, what: str) -> None:
         if "&&" in command:
             for part in command.split("&&"):
                 self.command(part.strip(), what)
             return
-        if re.match(rf"(bash \S*scripts/install\.sh|python3 -m pytest)\b", command):
+        if re.match(rf"(bash \S*scripts/install\.sh|python3 -m pytest|pip install)\b", command):
             print(f"  skip (.ci/run does it): {command.split('#')[0].strip()}")
             return
+        if re.match(r"ray start --address\b", command):
+            print("  skip: a second Ray node needs a second machine (tests/test_ray_*.py run a two-node cluster)")
+            return
+        if re.match(r"ray start\b", command):
+            self.ray_started = True
         if "DATASET" in command:
             command = command.replace("DATASET", f"{SHARED}/datasets/gr1.PickNPlace")
         if "OUT/checkpoint-2000" in command:
@@ -223,6 +239,7 @@ class Checker:
             if re.match(rf"python3 \S*benchmarks/{re.escape(name)}\b", command):
                 command += " " + args
         print(f"  $ {command}{' &' if keep else ''}")
+        command = re.sub(r"^policyserve ", "python3 -m policyserve ", command)
         if re.match(r"python3 -m policyserve serve\b", command):
             proc = self.start_server(command, what)
             if not keep:
