@@ -135,6 +135,10 @@ def test_compare_with_a_model_acting_like_the_demo_has_zero_difference(demos, se
         assert os.path.getsize(result.files[kind]) > 0
     lines = open(result.files["csv"]).read().splitlines()
     assert len(lines) == 26 and lines[0].startswith("step,demo_step,model_a0")
+    # the model saw exactly the demo's recorded observation at start_step, images included (exact restore)
+    diff = json.loads(open(result.files["json"]).read())["first_obs_diff"]
+    assert {"eef_pos", "eef_quat", "gripper_pos", "table_cam", "wrist_cam"} <= set(diff)
+    assert all(v == 0.0 for v in diff.values()), diff
 
 
 @pytest.mark.parametrize("horizon", [1, 4, 16])

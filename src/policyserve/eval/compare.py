@@ -92,6 +92,9 @@ class ComparisonResult:
     config: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    first_obs_diff: dict[str, float | None] = field(default_factory=dict)
+    """Model side: max |first observation - the demo's recorded one at start_step| per recorded key (None where
+    the shapes differ, e.g. another camera size); zero when the restore is exact."""
 
     @property
     def max_action_diff(self) -> float:
@@ -114,8 +117,9 @@ class ComparisonResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "action_keys": self.action_keys, "action_dims": self.action_dims,
-                "config": self.config, "files": self.files, "steps": [asdict(s) for s in self.steps]}
+        return {"summary": self.summary(), "first_obs_diff": self.first_obs_diff, "action_keys": self.action_keys,
+                "action_dims": self.action_dims, "config": self.config, "files": self.files,
+                "steps": [asdict(s) for s in self.steps]}
 
     def save_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON."""
@@ -220,7 +224,7 @@ def _check_roles(model: _Side, replay: _Side) -> None:
 def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConfig,
                    envs: tuple[Any, Any] | None = None) -> ComparisonResult:
     """Run the comparison; writes traces/figure/video under ``config.output_dir`` when set."""
-    from ..sim.recorder import load_demo_state
+    from ..sim.recorder import load_demo_obs, load_demo_state
 
     length = check_demo_range(config.hdf5_path, config.demo_index, config.start_step)
     max_steps = config.max_steps or (length - config.start_step)
@@ -244,6 +248,8 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         for side in sides:
             obs, info = side.env.reset(options={"state": state})
             side.start(obs, bool(info.get("success", False)), reset_options)
+        first_obs_diff = observation_diff(sides[0].obs,
+                                          load_demo_obs(config.hdf5_path, config.demo_index, config.start_step))
         if out is not None and config.video:
             writer = VideoWriter(out / "comparison.mp4", fps=config.fps)
         records: list[StepRecord] = []
@@ -281,7 +287,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         records, list(dims), dims,
         _first([r.eef_distance for r in records], config.eef_threshold),
         _first([max(r.action_diff.values(), default=0.0) for r in records], config.action_threshold),
-        config_dict(config), seconds=time.perf_counter() - started,
+        config_dict(config), seconds=time.perf_counter() - started, first_obs_diff=first_obs_diff,
     )
     if out is not None:
         result.files = save_outputs(result, out)
@@ -289,6 +295,20 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             result.files["video"] = str(writer.path)
         result.save_json(out / "comparison.json")
     return result
+
+
+def observation_diff(obs: dict[str, Any], recorded: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Max |obs - recorded| per recorded key the env also has; None where the shapes differ."""
+    from ..sim.recorder import obs_max_abs_diff
+
+    diffs: dict[str, float | None] = {}
+    for key in recorded:
+        if key in obs:
+            try:
+                diffs.update(obs_max_abs_diff({key: obs[key]}, {key: recorded[key]}))
+            except ValueError:
+                diffs[key] = None
+    return diffs
 
 
 def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray], sides: list[_Side]) -> StepRecord:
