@@ -62,7 +62,7 @@ def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int
     call()  # warm-up, not counted
     while time.time() < start_at:
         time.sleep(0.001)
-    latencies, merged = [], []
+    latencies, merged, timing = [], [], []
     end = start_at + seconds
     while time.time() < end:
         t0 = time.perf_counter()
@@ -71,7 +71,8 @@ def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int
         info = reply[1] if kind != "upstream" else None
         if info:
             merged.append(info["server_timing"]["merged_requests"])
-    out.put((latencies, merged))
+            timing.append((info["server_timing"]["queue_ms"], info["server_timing"]["policy_ms"]))
+    out.put((latencies, merged, timing))
     client.close()
 
 
@@ -86,13 +87,16 @@ def run_clients(kind: str, port: int, n: int, seconds: float, image_size: int) -
     results = [out.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join(30)
-    latencies = [x for lat, _ in results for x in lat]
-    merged = Counter(x for _, m in results for x in m)
+    latencies = [x for lat, _, _ in results for x in lat]
+    merged = Counter(x for _, m, _ in results for x in m)
+    timing = [t for _, _, ts in results for t in ts]
     ordered = sorted(latencies)
     return {
         "req_per_s": len(latencies) / seconds,
         "p50_ms": statistics.median(ordered),
         "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "queue_ms": statistics.median(q for q, _ in timing) if timing else None,
+        "policy_ms": statistics.median(p for _, p in timing) if timing else None,
         "merged": dict(sorted(merged.items())),
     }
 
@@ -180,7 +184,10 @@ def start_model_server(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen,
 
 
 def show(name: str, row: dict) -> None:
-    print(f"{name:<34}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}   {row['merged'] or '-'}")
+    split = (f"{row['queue_ms']:>8.1f}{row['policy_ms']:>9.1f}" if row.get("queue_ms") is not None
+             else f"{'-':>8}{'-':>9}")
+    print(f"{name:<34}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}{split}   "
+          f"{row['merged'] or '-'}")
 
 
 def main() -> None:
@@ -191,7 +198,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"{args.clients} client processes, closed loop, {args.seconds:.0f} s each run, B=1 per request")
-    print(f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}   merged batch sizes (count)")
+    print(f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'queue':>8}{'policy':>9}   "
+          "merged batch sizes (count)   [queue/policy: median server_timing ms]")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp), args.image_size)

@@ -39,18 +39,21 @@ NULL_LISTENER = SchedulerListener()
 
 
 class Listeners(SchedulerListener):
-    """Forwards every event to several listeners."""
+    """Forwards every event to several listeners (``listeners`` may grow before the server starts)."""
 
-    def __init__(self, *listeners: SchedulerListener) -> None:
+    def __init__(self, *listeners: SchedulerListener | None) -> None:
         self.listeners = [listener for listener in listeners if listener is not None]
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("_") or name == "listeners" or not hasattr(SchedulerListener, name):
-            return object.__getattribute__(self, name)
-        listeners = object.__getattribute__(self, "listeners")
 
-        def forward(*args: Any) -> None:
-            for listener in listeners:
-                getattr(listener, name)(*args)
+def _fan_out(name: str) -> Any:
+    def forward(self: Listeners, *args: Any) -> None:
+        for listener in self.listeners:
+            getattr(listener, name)(*args)
 
-        return forward
+    forward.__name__ = forward.__qualname__ = name
+    forward.__doc__ = getattr(SchedulerListener, name).__doc__
+    return forward
+
+
+for _event in [name for name in vars(SchedulerListener) if not name.startswith("_")]:
+    setattr(Listeners, _event, _fan_out(_event))

@@ -180,7 +180,7 @@ class Scheduler:
             first = self._take(first_client)
             batch = [first]
             if first.endpoint == "get_action" and self._mergeable():
-                self._wait_for_rejoin()
+                self._wait_for_rejoin(first)
                 if self.config.batch_window_ms > 0:
                     self._wait_for_more(first)
                 batch += self._companions(first)
@@ -203,10 +203,11 @@ class Scheduler:
         self._queued_bytes -= request.nbytes
         return request
 
-    def _wait_for_rejoin(self) -> None:
+    def _wait_for_rejoin(self, first: Request) -> None:
+        """Wait (bounded) until every client of the previous merged call but ``first``'s has a request queued."""
         wait_ms = min(self.config.rejoin_wait_ms, self._last_call_ms / 2)
         deadline = time.perf_counter() + wait_ms / 1000
-        while not self._closed and any(c not in self._queues and c not in self._busy_clients
+        while not self._closed and any(c != first.client and c not in self._queues and c not in self._busy_clients
                                        for c in self._rejoining):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
