@@ -384,3 +384,25 @@ def test_server_error_in_policy_is_answered_and_server_keeps_serving():
             assert np.all(c.get_action(marked_observation(4))[0]["arm"] == 4)
     finally:
         server.stop(10)
+
+
+def test_closed_loop_clients_stay_merged_without_waiting_out_the_rejoin_cap():
+    # rejoin cap here: min(1000 ms, half of a 100 ms call) = 50 ms; both clients send again within a few ms
+    policy = SlowPolicy(delay=0.1)
+    server = start(policy, rejoin_wait_ms=1000)
+    try:
+        clients = [PolicyClient(port=server.port) for _ in range(2)]
+        go = threading.Barrier(2, timeout=10)
+
+        def loop(i):
+            go.wait()
+            return [clients[i].get_action(marked_observation(i))[1]["server_timing"] for _ in range(4)]
+
+        timings = concurrently([lambda i=i: loop(i) for i in range(2)])
+        later = [t for per_client in timings for t in per_client[1:]]
+        assert all(t["merged_requests"] == 2 for t in later)
+        assert max(t["queue_ms"] for t in later) < 40  # nobody waited out the 50 ms cap
+        for c in clients:
+            c.close()
+    finally:
+        server.stop(10)
