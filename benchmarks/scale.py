@@ -36,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import make_checkpoint, run_clients, show, start_model_server  # noqa: E402  (puts tests/ on the path)
+from serving import HEADER, make_checkpoint, run_clients, show, start_model_server  # noqa: E402  (puts tests/ on the path)
 
 from helpers import descendants  # noqa: E402
 
@@ -63,7 +63,7 @@ def replica_peaks(server_pid: int) -> list[float]:
 def model_server_section(args: argparse.Namespace) -> None:
     print(f"== model server: {args.clients} client processes, closed loop, {args.seconds:.0f} s per run, "
           f"B=1 per request, {os.cpu_count()} CPUs")
-    print(f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}   merged batch sizes (count)")
+    print(HEADER)
     rows, memory = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp), args.image_size)

@@ -183,6 +183,10 @@ def start_model_server(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen,
     raise RuntimeError("model server did not start")
 
 
+HEADER = (f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'queue':>8}{'policy':>9}   "
+          "merged batch sizes (count)   [queue/policy: median server_timing ms]")
+
+
 def show(name: str, row: dict) -> None:
     split = (f"{row['queue_ms']:>8.1f}{row['policy_ms']:>9.1f}" if row.get("queue_ms") is not None
              else f"{'-':>8}{'-':>9}")
@@ -198,8 +202,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"{args.clients} client processes, closed loop, {args.seconds:.0f} s each run, B=1 per request")
-    print(f"{'server':<34}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'queue':>8}{'policy':>9}   "
-          "merged batch sizes (count)   [queue/policy: median server_timing ms]")
+    print(HEADER)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp), args.image_size)
