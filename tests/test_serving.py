@@ -387,9 +387,10 @@ def test_server_error_in_policy_is_answered_and_server_keeps_serving():
 
 
 def test_closed_loop_clients_stay_merged_without_waiting_out_the_rejoin_cap():
-    # rejoin cap here: min(1000 ms, half of a 100 ms call) = 50 ms; both clients send again within a few ms
+    # rejoin cap here: min(1000 ms, half of a 100 ms call) = 50 ms; both clients send again within a few ms.
+    # The window (ended as soon as both are queued: max_batch_size=2) only lines up their first requests.
     policy = SlowPolicy(delay=0.1)
-    server = start(policy, rejoin_wait_ms=1000)
+    server = start(policy, rejoin_wait_ms=1000, batch_window_ms=500, max_batch_size=2)
     try:
         clients = [PolicyClient(port=server.port) for _ in range(2)]
         go = threading.Barrier(2, timeout=10)
