@@ -53,7 +53,8 @@ class AddressInUseError(ConfigError):
 
 @dataclass
 class EndpointHandler:
-    handler: Callable[..., Any]
+    handler: Callable[..., Any] | None
+    """None for ``get_action`` and ``reset``: the scheduler serves them through the backend."""
     requires_input: bool = True
     inline: bool = False
     """Answer on the I/O thread (cheap, must not block) instead of a scheduler worker."""
@@ -136,8 +137,8 @@ class PolicyServer:
 
         self.register_endpoint("ping", lambda: PING_REPLY, requires_input=False, inline=True)
         self.register_endpoint("kill", self._kill, requires_input=False, inline=True)
-        self.register_endpoint("get_action", self._get_action)
-        self.register_endpoint("reset", self._reset)
+        self._endpoints["get_action"] = EndpointHandler(None)
+        self._endpoints["reset"] = EndpointHandler(None)
         self.register_endpoint("get_modality_config", self.backend.get_modality_config, requires_input=False,
                                inline=True)
 
@@ -151,13 +152,6 @@ class PolicyServer:
     def _kill(self) -> None:
         self._stop_requested.set()
         return None
-
-    def _get_action(self, observation: Any = None, options: dict | None = None) -> Any:
-        """Marker for the scheduled get_action (merged across clients by the scheduler)."""
-        raise AssertionError("get_action is served by the scheduler")
-
-    def _reset(self, options: dict | None = None) -> Any:
-        raise AssertionError("reset is served by the scheduler")
 
     # -- front doors and listeners ---------------------------------------------------------------
     def add_front_door(self, door: FrontDoor) -> None:
@@ -413,7 +407,7 @@ class PolicyServer:
                    received: float) -> Request:
         client = envelope[0].hex()
         reply = self._replier(envelope)
-        if spec.handler in (self._get_action, self._reset):
+        if spec.handler is None:
             unexpected = sorted(set(data) - QUEUED_ENDPOINT_ARGS[endpoint])
             if unexpected:
                 expected = " and ".join(repr(a) for a in sorted(QUEUED_ENDPOINT_ARGS[endpoint]))
