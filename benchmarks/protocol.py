@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from policyserve import ModalityConfig, PolicyClient, PolicyServer  # noqa: E402
 from policyserve.policies.constant import ConstantPolicy  # noqa: E402
-from policyserve.protocol.codec import packb, unpackb  # noqa: E402
+from policyserve.wire.gr00t import packb, unpackb  # noqa: E402
 from policyserve.types import ModalityDims  # noqa: E402
 from upstream_gr00t import UpstreamClient, UpstreamServer  # noqa: E402
 

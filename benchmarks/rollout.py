@@ -25,7 +25,7 @@ def serve_slow(port_queue: multiprocessing.Queue, latency_s: float) -> None:
     """Child process: the franka_panda constant policy, answering ``latency_s`` late, on a free port."""
     from policyserve.policies.base import PolicyWrapper
     from policyserve.policies.constant import ConstantPolicy
-    from policyserve.protocol.server import PolicyServer
+    from policyserve.serving.server import PolicyServer
     from policyserve.registry import get_embodiment_spec
 
     class Slow(PolicyWrapper):
@@ -64,7 +64,7 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from policyserve.cli.server_process import ServerProcess
+    from policyserve.launch import ServerProcess
     from policyserve.client.connect import connect_policy
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.envs import EnvConfig, make_envs

@@ -93,13 +93,13 @@ def rollout_section(task: str = "lift", episodes: int = 8, steps: int = 80, came
                     repeats: int = 2) -> None:
     """Print env steps/s of a single-process rollout and of distributed rollouts with each count of ``workers``
     (``repeats`` alternating rounds; medians and their ratios to the single-process median)."""
-    from policyserve.cli.server_process import ServerProcess
+    from policyserve.launch import ServerProcess
     from policyserve.client.connect import connect_policy
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.distributed import DistributedConfig, ServerAddress, run_distributed_rollout
     from policyserve.eval.envs import EnvConfig
     from policyserve.eval.rollout import RolloutConfig, run_rollout
-    from policyserve.ray_runtime import ray_session
+    from policyserve.cluster.runtime import ray_session
 
     config = RolloutConfig(env=EnvConfig(task=task, camera_size=(camera_size, camera_size)),
                            driver=DriverConfig(n_action_steps=n_action_steps), n_episodes=episodes, n_envs=n_envs,

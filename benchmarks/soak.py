@@ -71,7 +71,7 @@ def flooder(port: int, until: float, out) -> None:
     import zmq
 
     from helpers import franka_observation
-    from policyserve.protocol.codec import packb, unpackb
+    from policyserve.wire.gr00t import packb, unpackb
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

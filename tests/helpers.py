@@ -11,9 +11,9 @@ import zmq
 
 from policyserve import ConstantPolicy
 from policyserve.policies.base import BasePolicy
-from policyserve.protocol.client import PolicyClient
-from policyserve.protocol.codec import packb, unpackb
-from policyserve.protocol.server import PolicyServer
+from policyserve.client.policy_client import PolicyClient
+from policyserve.wire.gr00t import packb, unpackb
+from policyserve.serving.server import PolicyServer
 from policyserve.registry import get_embodiment_spec
 from policyserve.types import ModalityConfig
 

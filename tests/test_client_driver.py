@@ -130,7 +130,7 @@ def test_driver_errors_name_the_parameter_and_keep_the_driver_usable(serve):
 
 
 def _closed_port() -> int:
-    from policyserve.cli.server_process import free_port
+    from policyserve.launch import free_port
 
     return free_port()
 

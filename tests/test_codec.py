@@ -11,7 +11,7 @@ import pytest
 
 from policyserve import ActionConfig, ModalityConfig
 from policyserve.errors import ProtocolError
-from policyserve.protocol.codec import encode_ndarray, packb, unpackb
+from policyserve.wire.gr00t import encode_ndarray, packb, unpackb
 
 from upstream_gr00t import from_bytes, to_bytes
 

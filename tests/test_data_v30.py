@@ -15,8 +15,8 @@ from policyserve.data.lerobot import DatasetError, LeRobotDataset
 from policyserve.data.lerobot_writer import LeRobotWriter
 from policyserve.data.stats import channel_histogram, histogram_stats
 from policyserve.policies.replay import ReplayError, make_replay_policy
-from policyserve.protocol.client import PolicyClient
-from policyserve.protocol.server import PolicyServer
+from policyserve.client.policy_client import PolicyClient
+from policyserve.serving.server import PolicyServer
 from policyserve.errors import ServerError
 from test_data_convert import write_robomimic
 

@@ -12,8 +12,8 @@ from policyserve.client.driver import DriverConfig
 from policyserve.errors import ConfigError
 from policyserve.eval.envs import EnvConfig
 from policyserve.eval.rollout import RolloutConfig, run_rollout, wilson_interval
-from policyserve.protocol.client import PolicyClient
-from policyserve.protocol.server import PolicyServer
+from policyserve.client.policy_client import PolicyClient
+from policyserve.serving.server import PolicyServer
 
 from helpers import StepIndexPolicy
 

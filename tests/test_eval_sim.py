@@ -19,7 +19,7 @@ from policyserve.eval.compare import (  # noqa: E402
 )
 from policyserve.eval.envs import EnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402
-from policyserve.cli.server_process import free_port  # noqa: E402
+from policyserve.launch import free_port  # noqa: E402
 from policyserve.client.connect import ServerUnavailableError, connect_policy  # noqa: E402
 from policyserve.policies.base import PolicyWrapper  # noqa: E402
 from policyserve.policies.constant import ConstantPolicy  # noqa: E402

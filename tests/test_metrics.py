@@ -15,9 +15,9 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
 from policyserve import PolicyClient, PolicyServer, ServerError, UnauthorizedError
-from policyserve.protocol.codec import packb
-from policyserve.protocol.openpi_server import OpenpiFrontDoor
-from policyserve.serving.metrics import METRICS, MetricsExporter
+from policyserve.wire.gr00t import packb
+from policyserve.serving.doors.openpi import OpenpiFrontDoor
+from policyserve.serving.doors.metrics import METRICS, MetricsExporter
 
 from helpers import franka_observation
 from serve_process import serve_process
@@ -178,7 +178,7 @@ def _listening_ports(pid: int) -> set[int]:
 def test_no_metrics_port_starts_no_metrics_server_and_imports_nothing_of_it():
     importtime = {"PYTHONPROFILEIMPORTTIME": "1"}  # the banner then lists every module imported before ready
     with serve_process(env=importtime) as (proc, port):
-        assert "prometheus_client" not in proc.banner and "policyserve.serving.metrics" not in proc.banner
+        assert "prometheus_client" not in proc.banner and "policyserve.serving.doors.metrics" not in proc.banner
         assert "websockets" not in proc.banner
         assert _listening_ports(proc.pid) == {port}
     with serve_process("--metrics-port", "0", "--openpi-port", "0", env=importtime) as (proc, port):

@@ -112,8 +112,8 @@ def test_train_cli_reports_bad_inputs(cli_checkpoint: Path, tmp_path: Path, caps
 
 
 def test_serve_trained_checkpoint_through_client(cli_checkpoint: Path) -> None:
-    from policyserve.protocol.client import PolicyClient
-    from policyserve.protocol.server import PolicyServer
+    from policyserve.client.policy_client import PolicyClient
+    from policyserve.serving.server import PolicyServer
 
     policy = load_policy(cli_checkpoint, embodiment_tag="franka_panda", device="cpu")
     server = PolicyServer(policy, host="127.0.0.1", port=0, verbose=False)

@@ -22,9 +22,9 @@ from openpi_client.action_chunk_broker import ActionChunkBroker
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from policyserve import ConfigError, ConstantPolicy, PolicyClient, PolicyServer
-from policyserve.protocol.openpi_keymap import OpenpiKeyMap, OpenpiMapping
-from policyserve.protocol.openpi_server import OpenpiFrontDoor
-from policyserve.protocol.server import AddressInUseError
+from policyserve.wire.openpi_keys import OpenpiKeyMap, OpenpiMapping
+from policyserve.serving.doors.openpi import OpenpiFrontDoor
+from policyserve.serving.server import AddressInUseError
 from policyserve.registry import get_embodiment_spec
 
 from helpers import LANG_KEY, franka_observation
@@ -214,7 +214,7 @@ def test_a_message_over_four_times_the_limit_closes_only_that_connection():
 
 def test_openpi_wire_format_of_malformed_arrays_is_refused_by_name():
     from policyserve.errors import ProtocolError
-    from policyserve.protocol import openpi_codec
+    from policyserve.wire import openpi as openpi_codec
 
     bogus = openpi_codec.packb({"a": np.zeros(3, np.float32)}).replace(b"\xc4\x0c", b"\xc4\x0b", 1)[:-1]
     with pytest.raises(ProtocolError):

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 from policyserve.cli.main import main as cli_main  # noqa: E402
 from policyserve.client.connect import ServerUnavailableError  # noqa: E402
 from policyserve.client.driver import DriverConfig  # noqa: E402
-from policyserve.cli.server_process import free_port  # noqa: E402
+from policyserve.launch import free_port  # noqa: E402
 from policyserve.eval.compare import ComparisonConfig, run_comparison  # noqa: E402
 from policyserve.eval.compare_all import run_all_comparisons  # noqa: E402
 from policyserve.eval.distributed import (  # noqa: E402

@@ -25,7 +25,7 @@ from ray.cluster_utils import Cluster
 
 from policyserve import PolicyClient, PolicyServer, ServerError
 from policyserve.data.lerobot import LeRobotDataset
-from policyserve.policies.factory import PolicySpec
+from policyserve.serving.spec import PolicySpec
 from policyserve.serving.ray_backend import RayBackend, RayConfig
 
 from helpers import SlowPolicy, concurrently, descendants, franka_observation, marked_observation

@@ -11,8 +11,8 @@ import pytest
 from policyserve.data.lerobot import LeRobotDataset
 from policyserve.errors import ServerError
 from policyserve.policies.replay import make_replay_policy
-from policyserve.protocol.client import PolicyClient
-from policyserve.protocol.server import PolicyServer
+from policyserve.client.policy_client import PolicyClient
+from policyserve.serving.server import PolicyServer
 from policyserve.types import ModalityConfig
 
 

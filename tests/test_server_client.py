@@ -16,8 +16,8 @@ from policyserve import (
     ConstantPolicy, PolicyClient, PolicyServer, PolicyTimeoutError, ServerError, UnauthorizedError,
 )
 from policyserve.policies.base import BasePolicy
-from policyserve.protocol.server import AddressInUseError
-from policyserve.protocol.codec import packb, unpackb
+from policyserve.serving.server import AddressInUseError
+from policyserve.wire.gr00t import packb, unpackb
 from policyserve.registry import get_embodiment_spec
 
 from helpers import franka_observation

@@ -16,8 +16,8 @@ import pytest
 
 from policyserve import ConstantPolicy, PolicyClient, PolicyServer, ServerError, SimPolicyWrapper
 from policyserve.policies.base import ActionRequest
-from policyserve.protocol.codec import packb, unpackb
-from policyserve.protocol.server import AddressInUseError
+from policyserve.wire.gr00t import packb, unpackb
+from policyserve.serving.server import AddressInUseError
 from policyserve.registry import get_embodiment_spec
 
 from helpers import Dealer, SlowPolicy, concurrently, franka_observation, marked_observation

@@ -6,19 +6,20 @@ from .errors import (
 )
 from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicySpec, PolicyWrapper, SimPolicyWrapper
 from .policies.replay import ReplayPolicy
-from .protocol import PolicyClient, PolicyServer
-from .protocol.openpi_keymap import OpenpiKeyMap
+from .client.policy_client import PolicyClient
+from .serving.server import PolicyServer
+from .wire.openpi_keys import OpenpiKeyMap
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
 )
 from .types import (
     ActionConfig, ActionFormat, ActionRepresentation, ActionType, EmbodimentTag, ModalityConfig, ModalityDims,
 )
-from .serving.front_door import FrontDoor
+from .serving.doors.base import FrontDoor
 
 __version__ = "0.1.0"
 
-_LAZY = {"OpenpiFrontDoor": "policyserve.protocol.openpi_server", "MetricsExporter": "policyserve.serving.metrics"}
+_LAZY = {"OpenpiFrontDoor": "policyserve.serving.doors.openpi", "MetricsExporter": "policyserve.serving.doors.metrics"}
 """Exports whose modules need the ``serve`` extra (websockets, prometheus_client): imported on first use."""
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client.connect import connect_policy
-from .server_process import ServerProcess
+from ..launch import ServerProcess
 
 
 @dataclass

@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any
 
-from ..policies.factory import DEFAULT_EMBODIMENT
+from ..serving.spec import DEFAULT_EMBODIMENT
 from .common import add_api_token, add_server_address
 
 
@@ -85,15 +85,15 @@ def front_doors(args: argparse.Namespace) -> list:
         if args.use_sim_policy_wrapper:
             raise ConfigError("--use-sim-policy-wrapper is for GR00T sim clients; the openpi door needs the plain "
                               "policy (drop one of them)")
-        from ..protocol.openpi_keymap import OpenpiKeyMap
-        from ..protocol.openpi_server import OpenpiFrontDoor
+        from ..wire.openpi_keys import OpenpiKeyMap
+        from ..serving.doors.openpi import OpenpiFrontDoor
 
         key_map = OpenpiKeyMap.from_file(args.openpi_key_map) if args.openpi_key_map else None
         doors.append(OpenpiFrontDoor(args.port if args.openpi_port is None else args.openpi_port, key_map=key_map))
     elif args.openpi_key_map:
         raise ConfigError("--openpi-key-map needs --openpi-port or --protocol openpi")
     if args.metrics_port is not None:
-        from ..serving.metrics import MetricsExporter
+        from ..serving.doors.metrics import MetricsExporter
 
         doors.append(MetricsExporter(args.metrics_port))
     return doors
@@ -101,7 +101,7 @@ def front_doors(args: argparse.Namespace) -> list:
 
 def policy_spec(args: argparse.Namespace):
     """The :class:`PolicySpec` the flags describe."""
-    from ..policies.factory import PolicySpec
+    from ..serving.spec import PolicySpec
 
     return PolicySpec(
         model_path=args.model_path, device=args.device, dataset_path=args.dataset_path,
@@ -171,7 +171,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import PolicyServeError
-    from ..protocol.server import PolicyServer
+    from ..serving.server import PolicyServer
 
     print("Starting policyserve inference server...", flush=True)
     for line in _describe(args):

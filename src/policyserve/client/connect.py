@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import PolicyServeError
-from ..protocol.client import PolicyClient
+from .policy_client import PolicyClient
 
 
 class ServerUnavailableError(PolicyServeError, ConnectionError):

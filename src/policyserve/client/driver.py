@@ -1,7 +1,7 @@
 """PolicyDriver: batched env observations in, batched env actions out, for any env loop (IsaacLab, robot, MuJoCo).
 
 One driver serves ``n_envs`` envs stepped together. It owns the policy (usually a
-:class:`~policyserve.protocol.client.PolicyClient`), the env-to-policy key map and frame history
+:class:`~policyserve.client.policy_client.PolicyClient`), the env-to-policy key map and frame history
 (:class:`~policyserve.client.adapter.EnvPolicyAdapter`), every env's action-chunk queue
 (:class:`~policyserve.client.chunking.ActionChunker`: ``n_action_steps``, optional temporal ensembling) and
 the per-env reset bookkeeping: :meth:`PolicyDriver.reset` restarts chosen envs only, and the policy is reset

@@ -344,7 +344,7 @@ def _spawner(ray: Any, cls: type, config: DistributedConfig, *args: Any) -> Call
 
 
 def _session(config: DistributedConfig) -> Any:
-    from ..ray_runtime import ray_session
+    from ..cluster.runtime import ray_session
 
     local_cpus = max(os.cpu_count() or 1, int(-(-config.workers * config.cpus_per_worker // 1)))
     return ray_session(config.address, num_cpus=local_cpus)

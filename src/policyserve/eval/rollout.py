@@ -381,7 +381,7 @@ def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any
                 report_path: str | Path | None = None) -> RolloutReport:
     """Evaluate ``policy`` for exactly ``config.n_episodes`` episodes; optionally write the JSON report.
 
-    ``policy`` is any :class:`BasePolicy`: a :class:`~policyserve.protocol.client.PolicyClient` or a local
+    ``policy`` is any :class:`BasePolicy`: a :class:`~policyserve.client.policy_client.PolicyClient` or a local
     policy. ``envs`` (a list of Franka envs) overrides the ones built from ``config`` (at most
     ``n_episodes`` of them are used); envs passed in are not closed. To run the episodes on a Ray cluster,
     see :func:`policyserve.eval.distributed.run_distributed_rollout`.

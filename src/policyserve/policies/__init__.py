@@ -2,7 +2,7 @@
 
 from .base import Action, BasePolicy, Info, Observation, PolicyWrapper
 from .constant import ConstantPolicy
-from .factory import PolicySpec
+from ..serving.spec import PolicySpec
 from .sim_wrapper import Gr00tSimPolicyWrapper, SimPolicyWrapper
 
 __all__ = [

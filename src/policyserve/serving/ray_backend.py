@@ -29,7 +29,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..errors import ConfigError, PolicyServeError
-from ..ray_runtime import RayUnavailableError, join_ray
+from ..cluster.runtime import RayUnavailableError, join_ray
 from ..policies.base import BasePolicy
 from ..types import ModalityConfigs
 from .backend import Backend, Outcome, to_action_request

@@ -1,7 +1,7 @@
 """One policy replica: the class a Ray Serve deployment runs on any node of the cluster.
 
 It builds its own policy (loads the checkpoint itself) from a picklable zero-argument callable such
-as :meth:`policyserve.policies.factory.PolicySpec.build`, answers the merged batches the front door's
+as :meth:`policyserve.serving.spec.PolicySpec.build`, answers the merged batches the front door's
 scheduler sends, and names itself in each reply's ``server_timing["replica"]``.
 """
 

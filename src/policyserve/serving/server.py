@@ -7,7 +7,7 @@ A ROUTER socket accepts GR00T's REQ clients and DEALER clients. The I/O thread r
 encoded replies back to the I/O thread through a queue and a wake-up pipe, because ZeroMQ sockets
 are not thread-safe.
 
-Other front doors (:class:`~policyserve.serving.front_door.FrontDoor`: the openpi websocket door, the
+Other front doors (:class:`~policyserve.serving.doors.base.FrontDoor`: the openpi websocket door, the
 metrics endpoint) are added with :meth:`PolicyServer.add_front_door` and share the scheduler; with
 ``port=None`` the server has no ZeroMQ socket and serves through them only.
 
@@ -33,11 +33,11 @@ import zmq
 
 from ..errors import ConfigError, PolicyServeError, ProtocolError
 from ..policies.base import BasePolicy
-from ..serving.backend import Backend, PolicyBackend
-from ..serving.events import Listeners, SchedulerListener
-from ..serving.front_door import FrontDoor
-from ..serving.scheduler import SHUTTING_DOWN, Request, Scheduler, SchedulerConfig, ServerBusyError, error_message
-from .codec import packb, unpackb
+from .backend import Backend, PolicyBackend
+from .events import Listeners, SchedulerListener
+from .doors.base import FrontDoor
+from .scheduler import SHUTTING_DOWN, Request, Scheduler, SchedulerConfig, ServerBusyError, error_message
+from ..wire.gr00t import packb, unpackb
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 PING_REPLY = {"status": "ok", "message": "Server is running"}

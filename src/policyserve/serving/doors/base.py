@@ -1,4 +1,4 @@
-"""Extra doors into a :class:`~policyserve.protocol.server.PolicyServer`: another protocol's clients
+"""Extra doors into a :class:`~policyserve.serving.server.PolicyServer`: another protocol's clients
 (openpi) or metrics scrapers, each on its own port, started and stopped with the server."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..protocol.server import PolicyServer
+    from ..server import PolicyServer
 
 
 class FrontDoor(ABC):
@@ -21,7 +21,7 @@ class FrontDoor(ABC):
 
     @abstractmethod
     def bind(self, server: PolicyServer) -> int:
-        """Open the port (raising :class:`~policyserve.protocol.server.AddressInUseError` when taken); returns it.
+        """Open the port (raising :class:`~policyserve.serving.server.AddressInUseError` when taken); returns it.
 
         ``server`` gives the scheduler, backend, listener, host and token the door serves with."""
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, PolicyServeError
+from ..errors import ConfigError, PolicyServeError
 
 
 class RayUnavailableError(PolicyServeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import BasePolicy
+from ..policies.base import BasePolicy
 
 DEFAULT_EMBODIMENT = "franka_panda"
 
@@ -53,7 +53,7 @@ class PolicySpec:
         """The policy this spec describes; :class:`ConfigError` for an unknown ``policy`` name."""
         policy = self._build_inner()
         if self.sim_wrapper:
-            from .sim_wrapper import SimPolicyWrapper
+            from ..policies.sim_wrapper import SimPolicyWrapper
 
             policy = SimPolicyWrapper(policy, strict=self.strict)
         return policy
@@ -66,7 +66,7 @@ class PolicySpec:
             return load_policy(self.model_path, embodiment_tag=self.embodiment_tag,  # type: ignore[arg-type]
                                device=self.device, strict=self.strict)
         if mode == "replay":
-            from .replay import make_replay_policy
+            from ..policies.replay import make_replay_policy
 
             return make_replay_policy(
                 self.dataset_path, self.execution_horizon,  # type: ignore[arg-type]
@@ -81,7 +81,7 @@ class PolicySpec:
         if self.policy not in (None, "constant"):
             raise ConfigError(f"unknown --policy {self.policy!r}; expected scripted:lift, scripted:stack or constant")
         from ..registry import get_embodiment_spec, load_modality_config_file
-        from .constant import ConstantPolicy
+        from ..policies.constant import ConstantPolicy
 
         if self.modality_config_path:
             configs, dims = load_modality_config_file(self.modality_config_path)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a :class:`~policyserve.protocol.server.PolicyServer` (``serve --metrics-port``).
+"""Prometheus metrics of a :class:`~policyserve.serving.server.PolicyServer` (``serve --metrics-port``).
 
 :class:`MetricsExporter` listens to the scheduler and the front doors and serves the metrics over HTTP
 (``/metrics``) with ``prometheus_client`` on its own registry, from bind until the server has stopped.
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ..errors import ConfigError
-from .events import SchedulerListener
-from .front_door import FrontDoor
+from ...errors import ConfigError
+from ..events import SchedulerListener
+from .base import FrontDoor
 
 if TYPE_CHECKING:
-    from ..protocol.server import PolicyServer
-    from .scheduler import Request
+    from ..server import PolicyServer
+    from ..scheduler import Request
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -81,7 +81,7 @@ class MetricsExporter(SchedulerListener, FrontDoor):
 
     # -- FrontDoor -------------------------------------------------------------------------------
     def bind(self, server: PolicyServer) -> int:
-        from ..protocol.server import AddressInUseError
+        from ..server import AddressInUseError
 
         self.host = self.host or server.host
         backend = server.backend

@@ -8,7 +8,7 @@ each binary message (a msgpack-numpy observation) with a binary msgpack-numpy ac
 frame (what openpi's client raises as ``RuntimeError``), but where openpi's server would then close the
 connection this one keeps it open for the next request.
 
-Observations are mapped to the policy's GR00T keys (:mod:`~policyserve.protocol.openpi_keymap`) and
+Observations are mapped to the policy's GR00T keys (:mod:`~policyserve.wire.openpi_keys`) and
 submitted to the same :class:`~policyserve.serving.scheduler.Scheduler` as GR00T requests, so they are
 batched with them and count against the same limits. The websocket server runs on its own asyncio
 loop and thread; replies come back from scheduler workers through ``loop.call_soon_threadsafe`` and
@@ -34,14 +34,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
-from ..errors import ConfigError, ProtocolError
-from ..serving.front_door import FrontDoor
-from ..serving.scheduler import Request, ServerBusyError, error_message
-from . import openpi_codec
-from .openpi_keymap import OpenpiKeyMap, OpenpiMapping
+from ...errors import ConfigError, ProtocolError
+from .base import FrontDoor
+from ..scheduler import Request, ServerBusyError, error_message
+from ...wire import openpi as openpi_codec
+from ...wire.openpi_keys import OpenpiKeyMap, OpenpiMapping
 
 if TYPE_CHECKING:
-    from .server import PolicyServer
+    from ..server import PolicyServer
 
 PROTOCOL = "openpi"
 UNAUTHORIZED = "Unauthorized: Invalid API token"
@@ -64,7 +64,7 @@ class OpenpiFrontDoor(FrontDoor):
     """Serve the server's policy to openpi ``WebsocketClientPolicy`` clients on ``ws://host:port``.
 
     ``host`` defaults to the server's; ``port=0`` picks a free port (see :attr:`port` after binding).
-    ``key_map`` maps openpi keys to the policy's (default: see :mod:`~policyserve.protocol.openpi_keymap`).
+    ``key_map`` maps openpi keys to the policy's (default: see :mod:`~policyserve.wire.openpi_keys`).
     The server's ``api_token`` is required as openpi's client sends it: ``Authorization: Api-Key <token>``.
     """
 
@@ -97,7 +97,7 @@ class OpenpiFrontDoor(FrontDoor):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._sock = socket.create_server((host, self.requested_port), family=family)
         except OSError as exc:
-            from .server import AddressInUseError
+            from ..server import AddressInUseError
 
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUseError(f"port {self.requested_port} on {self.host} is in use") from None

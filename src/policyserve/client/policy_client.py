@@ -15,7 +15,7 @@ from ..errors import ConfigError, PolicyTimeoutError, ProtocolError, ServerError
 from ..policies.base import Action, BasePolicy, Info, Observation
 from ..registry import parse_modality_configs
 from ..types import ModalityConfigs
-from .codec import packb, unpackb
+from ..wire.gr00t import packb, unpackb
 
 LEGACY_ERROR_REPLY = b"ERROR"
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..client.connect import ServerUnavailableError
-from ..protocol.client import PolicyClient
+from .client.connect import ServerUnavailableError
+from .client.policy_client import PolicyClient
 
 
 def free_port(host: str = "127.0.0.1") -> int:
