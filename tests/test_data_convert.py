@@ -144,7 +144,7 @@ def test_cli_names_the_overwrite_flag_for_a_used_output(tmp_path: Path, capsys: 
             "--no-progress"]
     assert cli_main(argv) == 0
     capsys.readouterr()
-    assert cli_main(argv) == 1
+    assert cli_main(argv) == 2  # bad input (1 before the exit-code table in cli/main.py)
     assert capsys.readouterr().err.strip() == f"error: output directory {tmp_path / 'out'} is not empty (pass --overwrite to replace it)"
     assert cli_main([*argv, "--overwrite"]) == 0
 
@@ -200,7 +200,7 @@ def test_conversion_errors(tmp_path: Path) -> None:
         )
     with pytest.raises(ConversionError, match=r"eval_proportion must be in \[0, 1\)"):
         convert_hdf5_to_lerobot(tmp_path / "demos.hdf5", tmp_path / "e", eval_proportion=1.5, progress=False)
-    with pytest.raises(DatasetError, match="HDF5 file not found"):
+    with pytest.raises(DatasetError, match="HDF5 demo file not found: .*nope.hdf5"):
         convert_hdf5_to_lerobot(tmp_path / "nope.hdf5", tmp_path / "f", progress=False)
     with h5py.File(tmp_path / "empty.hdf5", "w") as f:
         f.create_group("data").create_group("mask")
@@ -213,4 +213,4 @@ def test_conversion_errors(tmp_path: Path) -> None:
 
 def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main(["convert", "hdf5-to-lerobot", "--input", str(tmp_path / "x.hdf5"), "--output", str(tmp_path / "o")])
-    assert rc == 1 and "HDF5 file not found" in capsys.readouterr().err
+    assert rc == 2 and "HDF5 demo file not found" in capsys.readouterr().err

@@ -10,7 +10,6 @@ plus ``initial_state/...``. Demos become episodes 0..N-1 in numeric demo order (
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from ..sim.demos import DemoFile, DemoFileError
 from .column_map import ColumnMap, hdf5_path, state_key_name
 from .lerobot import DEMO_MAP_FILE, VIDEO_PREFIX, DatasetError
 from .lerobot_writer import FORMATS, V21
 
 LAYOUTS = ("robomimic", "isaaclab_mimic")
-_DEMO_RE = re.compile(r"^demo_(\d+)$")
 
 
 class ConversionError(DatasetError):
@@ -50,11 +49,6 @@ class ConversionSummary:
         return self.num_frames / self.seconds if self.seconds > 0 else float("inf")
 
 
-def demo_keys(data_group: Any) -> list[tuple[int, str]]:
-    """``(N, "demo_N")`` for every demo group, sorted by N."""
-    return sorted((int(m.group(1)), name) for name in data_group if (m := _DEMO_RE.match(name)))
-
-
 def detect_layout(demo: Any) -> str:
     """``isaaclab_mimic`` when states are groups or there is an ``initial_state`` group, else ``robomimic``."""
     import h5py
@@ -64,33 +58,9 @@ def detect_layout(demo: Any) -> str:
     return "robomimic"
 
 
-def _attr_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode()
-    return str(value)
-
-
-def _env_args(data_group: Any) -> dict[str, Any]:
-    text = _attr_text(data_group.attrs.get("env_args"))
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return {"raw": text}
-    return value if isinstance(value, dict) else {"value": value}
-
-
-def _resolve_task(task: str | None, data_group: Any, env_args: dict[str, Any]) -> str:
-    return (
-        task
-        or _attr_text(data_group.attrs.get("task"))
-        or _attr_text(env_args.get("task"))
-        or _attr_text(env_args.get("env_name"))
-        or "unknown task"
-    )
+def _resolve_task(task: str | None, demos: DemoFile) -> str:
+    env_args = demos.env_args
+    return task or demos.task_text or str(env_args.get("task") or env_args.get("env_name") or "") or "unknown task"
 
 
 def _read(demo: Any, path: str, demo_name: str, length: int | None) -> np.ndarray:
@@ -123,17 +93,12 @@ def _eval_split(num_episodes: int, eval_proportion: float) -> tuple[dict[str, st
     return {"train": f"0:{cut}", "eval": f"{cut}:{num_episodes}"}, list(range(cut, num_episodes))
 
 
-def open_hdf5(path: str | Path) -> Any:
-    """``h5py.File(path, "r")``, with a :class:`DatasetError` naming the file when it is missing or not HDF5."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"HDF5 file not found: {path}")
+def open_hdf5(path: str | Path) -> DemoFile:
+    """The demo file at ``path``, with a :class:`DatasetError` naming the file when it is missing or not HDF5."""
     try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise DatasetError(f"{path} is not a readable HDF5 file ({exc})") from None
+        return DemoFile(path)
+    except DemoFileError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def convert_hdf5_to_lerobot(
@@ -165,18 +130,19 @@ def convert_hdf5_to_lerobot(
         raise ConversionError(f"format must be one of {FORMATS}, got {format!r}")
     input = Path(input)
     started = time.perf_counter()
-    with open_hdf5(input) as f:
+    source = open_hdf5(input)
+    with source.open() as f:
         data = f.get("data")
         if not isinstance(data, h5py.Group):
             raise ConversionError(f"{input}: no 'data' group (expected data/demo_N/...); top level: {sorted(f)}")
-        demos = demo_keys(data)
+        demos = [(n, f"demo_{n}") for n in source.indices]
         if not demos:
             raise ConversionError(f"{input}: no demo_N groups under data/; found {sorted(data)[:20]}")
         found = detect_layout(data[demos[0][1]])
         if layout != "auto" and layout != found:
             raise ConversionError(f"{input}: layout {layout!r} requested but the file looks like {found!r}")
-        env_args = _env_args(data)
-        task_text = _resolve_task(task, data, env_args)
+        env_args = source.env_args
+        task_text = _resolve_task(task, source)
         splits, eval_episodes = _eval_split(len(demos), eval_proportion)
         writer: LeRobotWriter | None = None
         state_dims: list[int] | None = None
@@ -224,8 +190,8 @@ def convert_hdf5_to_lerobot(
         demo_map = {name: index for index, (_, name) in enumerate(demos)}
         writer.finish(splits=splits)
         (writer.root / "meta" / DEMO_MAP_FILE).write_text(
-            json.dumps({"source": str(input), "layout": found, "demo_to_episode": demo_map, "env_args": env_args},
-                       indent=4)
+            json.dumps({"source": str(input.resolve()), "layout": found, "demo_to_episode": demo_map,
+                        "env_args": env_args}, indent=4)
         )
     return ConversionSummary(Path(output), found, frames, demo_map, eval_episodes, time.perf_counter() - started)
 

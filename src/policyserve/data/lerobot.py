@@ -364,6 +364,32 @@ class LeRobotDataset:
             raise DatasetError(f"{path}: expected a 'demo_to_episode' object of demo name -> episode index")
         return demos
 
+    @cached_property
+    def demo_source(self) -> str | None:
+        """The HDF5 file the dataset was converted from (``source`` in ``meta/hdf5_demo_map.json``), if known."""
+        path = self.root / "meta" / DEMO_MAP_FILE
+        mapping = _read_json(path) if path.is_file() else None
+        source = mapping.get("source") if isinstance(mapping, dict) else None
+        return str(source) if source else None
+
+    def describe_modality(self) -> list[str]:
+        """Where the keys come from: modality.json, or (derived) info.json features, naming every derived key
+        and the cameras left out for want of video files."""
+        if not self.modality.derived:
+            return ["Keys: from meta/modality.json"]
+        m = self.modality
+        lines = [f"Keys: DERIVED from meta/info.json features (no meta/modality.json in {self.root}): "
+                 f"state {list(m.state)}, action {list(m.action)}, video {self.cameras_with_files()}, "
+                 f"language {list(m.language)}"]
+        missing = [k for k in m.video if k not in self.cameras_with_files()]
+        if missing:
+            lines.append(f"Cameras left out (no video files): {missing}")
+        return lines
+
+    def cameras_with_files(self) -> list[str]:
+        """Video keys with an mp4 for at least one episode."""
+        return [k for k, spec in self.modality.video.items() if self.episodes_with_video_files(spec.column)]
+
     def episode_for_demo(self, demo_index: int) -> int:
         """Episode index holding HDF5 demo ``demo_<demo_index>`` (through ``meta/hdf5_demo_map.json``).
 
@@ -527,12 +553,16 @@ class LeRobotDataset:
         return next((k for k in keys if "task" in k), keys[0] if keys else None)
 
     def infer_modality_configs(self, action_horizon: int = 16) -> ModalityConfigs:
-        """Modality configs covering every state, action and video key, one language key, ``action_horizon`` steps."""
+        """Modality configs covering every state, action and video key, one language key, ``action_horizon`` steps.
+
+        With keys derived from info.json (no modality.json), cameras without any video file are left out.
+        """
         if not isinstance(action_horizon, int) or action_horizon < 1:
             raise DatasetError(f"action_horizon must be a positive integer, got {action_horizon!r}")
         language = self.default_language_key()
+        cameras = self.cameras_with_files() if self.modality.derived else self.video_keys
         return {
-            "video": ModalityConfig(delta_indices=[0], modality_keys=self.video_keys),
+            "video": ModalityConfig(delta_indices=[0], modality_keys=cameras),
             "state": ModalityConfig(delta_indices=[0], modality_keys=self.state_keys),
             "action": ModalityConfig(delta_indices=list(range(action_horizon)), modality_keys=self.action_keys),
             "language": ModalityConfig(delta_indices=[0], modality_keys=[language] if language else []),

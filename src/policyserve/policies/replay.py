@@ -6,7 +6,9 @@ batch size, then advances the cursor by ``execution_horizon``. ``reset`` selects
 through the dataset's demo map) and start step; a list of indices replays a different episode in each of B
 environments, and ``env_ids`` resets some envs only (the others keep their cursors). Every reply's ``info``
 says ``"replay": True`` and the ``execution_horizon``, so clients can follow the cursor (GR00T clients ignore
-extra info keys).
+extra info keys). On a dataset converted from HDF5 demos (``meta/hdf5_demo_map.json``) the info also names the
+``demo_source`` file, the ``demo_index`` each env replays and its ``demo_split`` ("train"/"eval"), so a client can check that it replays the demo it
+started from (:mod:`policyserve.eval.identity`). Reset options other than :data:`RESET_OPTIONS` are refused.
 
 Served, every client (connection) has its own cursors: one client's ``reset`` and ``get_action`` leave the
 others' episodes and steps alone, so several comparisons (e.g. distributed workers) can share one replay
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class ReplayError(DatasetError):
     """A replay request names an episode, step or batch layout the dataset cannot serve."""
+
+
+RESET_OPTIONS = ("episode_index", "demo_index", "step_index", "env_ids", "seed")
+"""The reset options a replay accepts (``seed`` is accepted and ignored: a replay is deterministic)."""
 
 
 def _as_index(value: Any, what: str) -> int:
@@ -85,6 +91,12 @@ class ReplayPolicy(BasePolicy):
         self._steps = [0]
         self._per_env = False
         self._dims = {k: v.shape[1] for k, v in self._actions(self._episodes[0]).items()}
+        demo_map = self.dataset.demo_map or {}
+        self._demo_of = {episode: int(name[len("demo_"):]) for name, episode in demo_map.items()
+                         if name.startswith("demo_") and name[len("demo_"):].isdigit()}
+        self._demo_source = self.dataset.demo_source if demo_map else None
+        splits = self.dataset.info.get("splits") or {}
+        self._split_of = {e: name for name in splits for e in self.dataset.split(name)}
         self._clients: OrderedDict[str, tuple[list[int], list[int], bool]] = OrderedDict()
 
     # ---- serving: one cursor per client ---------------------------------------------------------------------
@@ -107,11 +119,11 @@ class ReplayPolicy(BasePolicy):
         with self._cursor_of(client):
             return self.reset(options)
 
-    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+    def serve_batch(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
         outcomes: list[tuple[Action, Info] | Exception] = []
         for request in requests:
             with self._cursor_of(request.client):
-                outcomes += super().serve_get_action([request])
+                outcomes += super().serve_batch([request])
         return outcomes
 
     def _check_keys_in_dataset(self) -> None:
@@ -194,9 +206,23 @@ class ReplayPolicy(BasePolicy):
         self._steps = [s + self.execution_horizon for s in self._steps]
         return action, info
 
+    def describe(self) -> list[str]:
+        """Banner lines: where the dataset's keys come from (derived ones named) and what is replayed."""
+        lines = [f"  Replay: {self.num_episodes} episodes, action keys {self.action_keys}"]
+        lines += [f"  {line}" for line in self.dataset.describe_modality()]
+        if self._demo_source is not None:
+            lines.append(f"  Converted from: {self._demo_source} ({len(self._demo_of)} demos)")
+        return lines
+
     def _info(self, advance: int) -> Info:
         lengths = [self._length(e) for e in self._episodes]
         done = [s + advance >= n for s, n in zip(self._steps, lengths, strict=True)]
+        identity: Info = {}
+        if self._demo_source is not None:
+            demos = [self._demo_of.get(e) for e in self._episodes]
+            split = [self._split_of.get(e) for e in self._episodes]
+            identity = {"demo_source": self._demo_source, "demo_index": demos if self._per_env else demos[0],
+                        "demo_split": split if self._per_env else split[0]}
         if self._per_env:
             return {
                 "replay": True,
@@ -206,6 +232,7 @@ class ReplayPolicy(BasePolicy):
                 "episode_length": lengths,
                 "num_episodes": self.num_episodes,
                 "episode_done": done,
+                **identity,
             }
         return {
             "replay": True,
@@ -215,6 +242,7 @@ class ReplayPolicy(BasePolicy):
             "episode_length": lengths[0],
             "num_episodes": self.num_episodes,
             "episode_done": done[0],
+            **identity,
         }
 
     # ---- reset ----------------------------------------------------------------------------------------------
@@ -232,6 +260,9 @@ class ReplayPolicy(BasePolicy):
         options = options or {}
         if not isinstance(options, dict):
             raise ReplayError(f"reset options must be a dict, got {type(options).__name__}")
+        unknown = sorted(str(k) for k in options if k not in RESET_OPTIONS)
+        if unknown:
+            raise ReplayError(f"unknown reset option(s) {unknown}; a replay accepts {list(RESET_OPTIONS)}")
         if options.get("episode_index") is not None and options.get("demo_index") is not None:
             raise ReplayError("give either options['episode_index'] or options['demo_index'], not both")
         if options.get("env_ids") is not None:

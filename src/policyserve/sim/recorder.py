@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .demos import DemoFile
 from .envs import GYM_IDS, CAMERAS, get_task, make_env
 from .scripted import ScriptedExpert
 
@@ -194,40 +195,14 @@ def record_demos(
     }
 
 
-def _demo(f: Any, demo_index: int, step: int) -> Any:
-    demo = f[f"data/demo_{demo_index}"]
-    n = int(demo.attrs["num_samples"])
-    if not 0 <= step < n:
-        raise IndexError(f"step {step} out of range for demo_{demo_index} with {n} samples")
-    return demo
-
-
 def load_demo_state(path: str | Path, demo_index: int, step: int = 0) -> dict[str, Any]:
     """State dict of demo ``demo_index`` before action ``step``, for ``env.reset(options={"state": ...})``."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        demo = _demo(f, demo_index, step)
-        xml = demo.attrs["model_file"]
-        state = {
-            "states": np.asarray(demo["states"][step], dtype=np.float64),
-            "model_file": xml.decode() if isinstance(xml, bytes) else str(xml),
-            "gripper_action": np.asarray(demo["gripper_actions"][step], dtype=np.float64),
-            "initial_joint": np.asarray(demo.attrs["initial_joint"], dtype=np.float64),
-            "step": int(step),
-        }
-        if "warmstarts" in demo:
-            state["warmstart"] = np.asarray(demo["warmstarts"][step], dtype=np.float64)
-        return state
+    return DemoFile(path).state(demo_index, step)
 
 
 def load_demo_obs(path: str | Path, demo_index: int, step: int = 0) -> dict[str, np.ndarray]:
     """Recorded observation of demo ``demo_index`` before action ``step`` (every key but ``task``)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        demo = _demo(f, demo_index, step)
-        return {key: np.asarray(data[step]) for key, data in demo["obs"].items()}
+    return DemoFile(path).observation(demo_index, step)
 
 
 def obs_max_abs_diff(obs: dict[str, Any], recorded: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,229 @@
+"""Results you can trust: the demo-file reader, replay identity checks, strict replay inputs and data defaults,
+each sent the mismatched or bad input (real files, real replay servers on loopback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from policyserve.data.hdf5_to_lerobot import convert_hdf5_to_lerobot
+from policyserve.data.lerobot import LeRobotDataset
+from policyserve.data.lerobot_writer import LeRobotWriter
+from policyserve.errors import ConfigError, ServerError
+from policyserve.eval.identity import (
+    CameraSizeWarning, IdentityError, camera_size_warning, check_replay_identity, demo_env_settings,
+    demo_reset_options, warn_camera_size,
+)
+from policyserve.policies.constant import ConstantPolicy
+from policyserve.policies.replay import RESET_OPTIONS, ReplayError, make_replay_policy
+from policyserve.sim.demos import DemoFile, DemoFileError
+from policyserve.registry import get_embodiment_spec
+from policyserve.types import ModalityDims
+from test_data_convert import write_robomimic
+
+GAP = {0: 9, 5: 7, 6: 11}  # demo_0, demo_5, demo_6 -> episodes 0, 1, 2
+SPEC = get_embodiment_spec("franka_panda")
+ENV_ARGS = {"env_name": "Lift", "task": "lift", "env_kwargs": {"camera_size": [32, 48], "camera_names": ["table_cam"]}}
+
+
+def _with_env_args(path: Path, env_args: dict) -> Path:
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``gap.hdf5`` and its dataset; ``other.hdf5`` (other demos) and its dataset; a same-named copy of
+    gap.hdf5 elsewhere and one with other actions."""
+    root = tmp_path_factory.mktemp("trust")
+    write_robomimic(root / "gap.hdf5", GAP)
+    _with_env_args(root / "gap.hdf5", ENV_ARGS)
+    convert_hdf5_to_lerobot(root / "gap.hdf5", root / "gap_ds", progress=False)
+    write_robomimic(root / "other.hdf5", {0: 12, 5: 7})
+    convert_hdf5_to_lerobot(root / "other.hdf5", root / "other_ds", progress=False)
+    (root / "copy").mkdir()
+    shutil.copy(root / "gap.hdf5", root / "copy" / "gap.hdf5")
+    (root / "changed").mkdir()
+    shutil.copy(root / "gap.hdf5", root / "changed" / "gap.hdf5")
+    with h5py.File(root / "changed" / "gap.hdf5", "a") as f:
+        f["data/demo_5/actions"][0] += 0.25
+    return {"gap": root / "gap.hdf5", "gap_ds": root / "gap_ds", "other": root / "other.hdf5",
+            "other_ds": root / "other_ds", "copy": root / "copy" / "gap.hdf5",
+            "changed": root / "changed" / "gap.hdf5"}
+
+
+# ------------------------------------------------------------------------------------------------ demo file reader
+def test_demo_file_reads_indices_lengths_and_env_args(files, tmp_path: Path) -> None:
+    demos = DemoFile(files["gap"])
+    assert demos.indices == [0, 5, 6] and [demos.length(n) for n in demos.indices] == [9, 7, 11]
+    assert demos.task == "lift" and demos.camera_size == (32, 48) and demos.camera_names == ("table_cam",)
+    assert demos.task_text == "lift the cube"
+    assert demos.actions(5, 2, 4).shape == (2, 7)
+    assert set(demos.observation(6, 10)) == {"eef_pos", "eef_quat", "gripper_pos", "joint_pos", "table_cam",
+                                              "wrist_cam"}
+    with pytest.raises(DemoFileError, match=r"demo index 3 is out of range: .*gap.hdf5 has demo indices \[0, 5, 6\]"):
+        demos.length(3)
+    with pytest.raises(IndexError, match=r"start step 7 is out of range for demo_5 .*valid start steps are 0..6"):
+        demos.observation(5, 7)
+    with pytest.raises(DemoFileError, match="only demos recorded by policyserve record can be restored"):
+        demos.state(0, 0)  # no model_file / gripper_actions: not restorable into the built-in envs
+    with pytest.raises(DemoFileError, match="HDF5 demo file not found: .*missing.hdf5"):
+        DemoFile(tmp_path / "missing.hdf5")
+    (tmp_path / "text.hdf5").write_text("not hdf5")
+    with pytest.raises(DemoFileError, match="text.hdf5 is not a readable HDF5 file"):
+        DemoFile(tmp_path / "text.hdf5")
+    with h5py.File(tmp_path / "bare.hdf5", "w") as f:  # no num_samples attribute, no env_args
+        f["data/demo_2/actions"] = np.zeros((4, 7))
+    bare = DemoFile(tmp_path / "bare.hdf5")
+    assert bare.indices == [2] and bare.length(2) == 4 and bare.env_args == {} and bare.task is None
+
+
+# ------------------------------------------------------------------------------------------------- replay identity
+def _first(served, options: dict) -> tuple[dict, np.ndarray]:
+    """Reset the replay, take its first reply: info and the env action the driver would execute (keys in order)."""
+    served.client.reset(options)
+    action, info = served.client.get_action(None, {"batch_size": 1})
+    keys = served.client.get_modality_config()["action"].modality_keys
+    return info, np.concatenate([action[k][0, 0] for k in keys])
+
+
+def test_the_replay_of_this_hdf5_passes_the_identity_check(files, serve) -> None:
+    served = serve(make_replay_policy(files["gap_ds"], 1, embodiment_tag="franka_panda"))
+    demos = DemoFile(files["gap"])
+    for demo in (0, 5, 6):
+        info, action = _first(served, demo_reset_options(demo, 2))
+        assert info["demo_source"] == str(files["gap"].resolve()) and info["demo_index"] == demo
+        check_replay_identity(demos, demo, 2, info, action, "tcp://127.0.0.1:x")
+    info, action = _first(served, demo_reset_options(5, 0))
+    check_replay_identity(DemoFile(files["copy"]), 5, 0, info, action, "x")  # a copy of the file elsewhere
+
+
+def test_a_replay_of_another_dataset_is_refused_naming_both_files(files, serve) -> None:
+    served = serve(make_replay_policy(files["other_ds"], 1, embodiment_tag="franka_panda"))
+    info, action = _first(served, demo_reset_options(5))
+    with pytest.raises(IdentityError) as err:
+        check_replay_identity(DemoFile(files["gap"]), 5, 0, info, action, f"tcp://127.0.0.1:{served.port}")
+    message = str(err.value)
+    assert "\n" not in message and str(files["other"].resolve()) in message and str(files["gap"]) in message
+    assert f"the replay server tcp://127.0.0.1:{served.port} serves the dataset converted from" in message
+
+
+def test_a_replay_of_the_wrong_demo_is_refused(files, serve) -> None:
+    """The old rollout bug: resetting with episode_index N replays episode N, which is not demo_N with gaps."""
+    served = serve(make_replay_policy(files["gap_ds"], 1, embodiment_tag="franka_panda"))
+    info, action = _first(served, {"episode_index": 1, "step_index": 0})  # episode 1 holds demo_5, not demo_1
+    with pytest.raises(IdentityError, match=r"replays demo_5 of .*gap.hdf5, not demo_1 of .*gap.hdf5"):
+        check_replay_identity(DemoFile(files["gap"]), 1, 0, info, action, "x")
+
+
+def test_a_same_named_file_with_other_actions_is_refused(files, serve) -> None:
+    served = serve(make_replay_policy(files["gap_ds"], 1, embodiment_tag="franka_panda"))
+    info, action = _first(served, demo_reset_options(5))
+    with pytest.raises(IdentityError, match=r"does not replay demo_5 of .*changed/gap.hdf5: its action at step 0 "
+                                            r"differs from the recorded one by 0.25"):
+        check_replay_identity(DemoFile(files["changed"]), 5, 0, info, action, "x")
+    info = dict(info, episode_length=8)
+    with pytest.raises(IdentityError, match=r"replays an episode of 8 steps as demo_5 .* demo_5 of .*gap.hdf5 has 7"):
+        check_replay_identity(DemoFile(files["copy"]), 5, 0, info, action, "x")
+
+
+def test_a_replay_without_a_demo_map_is_refused(files, serve, gr1_dataset_path: Path) -> None:
+    served = serve(make_replay_policy(gr1_dataset_path, 8))
+    served.client.reset({"episode_index": 0})
+    info = served.client.get_action(None, {"batch_size": 1})[1]
+    assert "demo_source" not in info  # datasets without a demo map answer as before
+    with pytest.raises(IdentityError, match=r"serves a dataset without meta/hdf5_demo_map.json .*cannot be checked "
+                                            r"against .*gap.hdf5"):
+        check_replay_identity(DemoFile(files["gap"]), 0, 0, info, None, "x")
+
+
+# --------------------------------------------------------------------------------------------- strict replay inputs
+def test_unknown_reset_options_are_refused_and_change_nothing(files, serve) -> None:
+    served = serve(make_replay_policy(files["gap_ds"], 1, embodiment_tag="franka_panda"))
+    served.client.reset(demo_reset_options(6, 3))
+    with pytest.raises(ServerError, match=r"unknown reset option\(s\) \['episode'\]; a replay accepts "
+                                          r"\['episode_index', 'demo_index', 'step_index', 'env_ids', 'seed'\]"):
+        served.client.reset({"episode": 2})
+    info = served.client.get_action(None, {"batch_size": 1})[1]
+    assert (info["demo_index"], info["current_step"]) == (6, 3)
+    assert set(RESET_OPTIONS) >= set(demo_reset_options(0))
+
+
+def test_a_dataset_without_modality_json_says_which_keys_it_derived(tmp_path: Path) -> None:
+    writer = LeRobotWriter(tmp_path / "ds", fps=10)
+    writer.add_episode(0, {"action": np.zeros((5, 3)), "observation.state": np.zeros((5, 2))}, tasks=["t"])
+    writer.finish()
+    assert not (tmp_path / "ds/meta/modality.json").exists()
+    info = json.loads((tmp_path / "ds/meta/info.json").read_text())  # a camera declared, but no video files
+    info["features"]["observation.images.side"] = {"dtype": "video", "shape": [8, 8, 3]}
+    (tmp_path / "ds/meta/info.json").write_text(json.dumps(info))
+    policy = make_replay_policy(tmp_path / "ds", 1)
+    banner = "\n".join(policy.describe())
+    assert "DERIVED from meta/info.json features (no meta/modality.json" in banner
+    assert "action ['action']" in banner and "state ['state']" in banner
+    assert "Cameras left out (no video files): ['side']" in banner
+    assert policy.get_modality_config()["video"].modality_keys == []  # no camera without video files is offered
+    assert LeRobotDataset(tmp_path / "ds").video_keys == ["side"]
+
+
+def test_a_complete_dataset_says_its_keys_come_from_modality_json(files) -> None:
+    banner = make_replay_policy(files["gap_ds"], 1, embodiment_tag="franka_panda").describe()
+    assert "  Keys: from meta/modality.json" in banner
+    assert f"  Converted from: {files['gap'].resolve()} (3 demos)" in banner
+
+
+def test_a_language_list_of_the_wrong_length_is_a_clear_server_error(serve) -> None:
+    from helpers import LANG_KEY, franka_observation
+
+    served = serve(ConstantPolicy(SPEC.modality_configs, SPEC.dims))
+    obs = franka_observation(batch=2)
+    obs["language"][LANG_KEY] = [["lift the cube"]]  # one entry for a batch of two
+    with pytest.raises(ServerError, match=r"language\['annotation.human.action.task_description'\]: expected batch "
+                                          r"size 2 .* got batch size 1"):
+        served.client.get_action(obs)
+    assert served.client.get_action(franka_observation(batch=2))[0]  # the server keeps serving
+
+
+# ----------------------------------------------------------------------------------------------- defaults from data
+def test_task_and_camera_size_come_from_the_hdf5(files, tmp_path: Path) -> None:
+    demos = DemoFile(files["gap"])
+    assert demo_env_settings(demos) == ("lift", (32, 48))
+    assert demo_env_settings(demos, "LIFT", (32, 48)) == ("lift", (32, 48))
+    with pytest.raises(ConfigError, match=r"task 'stack' conflicts with .*gap.hdf5, recorded with task 'lift'"):
+        demo_env_settings(demos, "stack")
+    with pytest.raises(ConfigError, match=r"camera_size \(84, 84\) conflicts with .*recorded with camera_size "
+                                          r"\(32, 48\)"):
+        demo_env_settings(demos, None, (84, 84))
+    with h5py.File(tmp_path / "bare.hdf5", "w") as f:
+        f["data/demo_0/actions"] = np.zeros((4, 7))
+    bare = DemoFile(tmp_path / "bare.hdf5")
+    assert demo_env_settings(bare, "stack", (64, 64)) == ("stack", (64, 64))
+    with pytest.raises(ConfigError, match="does not record its task .*give the task"):
+        demo_env_settings(bare)
+
+
+def test_camera_size_mismatch_warns_once_naming_both_sizes() -> None:
+    assert camera_size_warning((84, 84), {"ego_view": (84, 84)}) is None
+    assert camera_size_warning((84, 84), {}) is None
+    message = camera_size_warning((128, 128), {"ego_view": (84, 84)})
+    assert message and "128x128" in message and "84x84" in message and "aspect" not in message
+    assert "changes the aspect ratio" in camera_size_warning((480, 640), {"ego_view": (84, 84)})
+
+    class Declares(ConstantPolicy):
+        def get_modality_dims(self) -> ModalityDims:
+            return ModalityDims(video={"ego_view": (84, 84)})
+
+    policy = Declares(SPEC.modality_configs, SPEC.dims)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warn_camera_size((480, 640), policy)
+    assert [str(w.message) for w in caught if w.category is CameraSizeWarning] == [
+        camera_size_warning((480, 640), {"ego_view": (84, 84)})]
