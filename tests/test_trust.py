@@ -227,3 +227,59 @@ def test_camera_size_mismatch_warns_once_naming_both_sizes() -> None:
             warn_camera_size((480, 640), policy)
     assert [str(w.message) for w in caught if w.category is CameraSizeWarning] == [
         camera_size_warning((480, 640), {"ego_view": (84, 84)})]
+
+
+# ----------------------------------------------------------------------------------------------- honest headlines
+def _result(hdf5: Path, demo: int, arm_noise: float, gripper_flip_at: int | None, steps: int = 30):
+    """A comparison result whose model arm differs from the replay by alternating ``arm_noise`` at every step
+    and whose gripper flips from -1 to +1 at ``gripper_flip_at`` (None: never)."""
+    from policyserve.eval.compare import ComparisonResult, StepRecord
+
+    records = []
+    for t in range(steps):
+        replay = [0.1] * 6 + [-1.0]
+        model = [v + arm_noise * (-1) ** t for v in replay[:6]]
+        model.append(1.0 if gripper_flip_at is not None and t >= gripper_flip_at else -1.0)
+        diff = {"arm": max(abs(m - r) for m, r in zip(model[:6], replay[:6])), "gripper": abs(model[6] - replay[6])}
+        records.append(StepRecord(t, t, model, replay, diff, [0.0] * 3, [0.0] * 3, 0.0, False, True))
+    config = {"hdf5_path": str(hdf5), "demo_index": demo, "action_threshold": 0.1, "eef_threshold": 0.02}
+    return ComparisonResult(records, ["arm", "gripper"], {"arm": 6, "gripper": 1}, None, 0, config)
+
+
+def test_action_divergence_is_reported_per_key_and_ignores_sampling_noise(files) -> None:
+    from policyserve.eval.divergence import divergence_steps
+
+    model = np.zeros((20, 7))
+    model[:, :6] = 0.15 * (-1) ** np.arange(20)[:, None]  # noise above the threshold at every step, mean ~0
+    model[8:, 6] = 2.0  # the gripper flips at step 8 and stays flipped
+    assert divergence_steps(model, np.zeros((20, 7)), {"arm": 6, "gripper": 1}, 0.1) == {"arm": None, "gripper": 8}
+    assert divergence_steps(model, np.zeros((20, 7)), {"arm": 6, "gripper": 1}, 0.1, window=1)["arm"] == 0
+    model[12:, 0] += 0.5  # a real departure of the arm from step 12 on
+    assert divergence_steps(model, np.zeros((20, 7)), {"arm": 6, "gripper": 1}, 0.1)["arm"] == 12
+
+
+def test_the_aggregate_reports_arm_and_gripper_apart_and_marks_never_diverged_demos(files, tmp_path: Path) -> None:
+    from policyserve.eval.compare_all import AggregateComparison, DemoSummary
+
+    rows = [DemoSummary.from_result(0, _result(files["gap"], 0, 0.15, None), None),
+            DemoSummary.from_result(5, _result(files["gap"], 5, 0.15, 10), None)]
+    assert rows[0].action_divergence_per_key == {"arm": None, "gripper": None}
+    assert rows[1].action_divergence_per_key == {"arm": None, "gripper": 10}
+    assert rows[1].max_action_diff_per_key == pytest.approx({"arm": 0.15, "gripper": 2.0})
+    assert [r.length for r in rows] == [9, 7]  # from the HDF5 file
+    rows[1].split = "eval"
+    report = AggregateComparison(rows, {"eef_threshold": 0.02, "action_threshold": 0.1}, {})
+    line = report.summary_line()
+    assert "action divergence (> 0.1 over 5 steps): arm 0, gripper 1 demos" in line and "2.0" not in line
+    files_written = report.save(tmp_path)
+    header = (tmp_path / "aggregate.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["demo_index", "steps", "divergence_step"]
+    assert {"max_action_diff_arm", "max_action_diff_gripper", "action_divergence_step_gripper", "length",
+            "split"} <= set(header)
+    assert json.loads((tmp_path / "aggregate.json").read_text())["summary"]["action_diverged_per_key"] == {
+        "arm": 0, "gripper": 1}
+    from policyserve.eval.compare_all import plot_summary
+
+    marked = plot_summary(report, tmp_path / "again.png")
+    assert marked == {"never_diverged": [0, 5], "tick_labels": ["0", "5\neval"], "eval_demos": [5]}
+    assert Path(files_written["plot"]).stat().st_size > 0

@@ -1,15 +1,15 @@
 """When a model's actions diverge from the demo's, per action key (the comparison's action-divergence rule).
 
-The rule: step ``t`` diverges on key ``k`` when both
-
-- the action difference of some dimension of ``k`` at step ``t`` exceeds ``threshold``, and
-- the mean signed difference of that dimension over steps ``t .. t + window - 1`` exceeds ``threshold`` too,
-
-and the key's divergence step is the first such ``t`` (None: never). A model that samples its actions differs
-from the demo by noise at every step; noise averages out over the window, a real departure (the arm heading
-elsewhere, the gripper closing while the demo's stays open) does not. With ``window=1`` the rule is the plain
-"first step whose difference exceeds the threshold". Keys are judged separately, so a gripper that flips
-between -1 and +1 (a difference of 2.0) is reported as the gripper's divergence, not as the arm's.
+The rule: step ``t`` diverges on key ``k`` when, for some dimension of ``k``, the difference (model - replay) at
+``t`` exceeds ``threshold`` in magnitude and its running mean from ``t`` stays beyond ``threshold`` on the same
+side over each of the next ``window`` steps (``t``, ``t..t+1``, ..., ``t..t+window-1``). The key's divergence
+step is the first such ``t`` (None: never). A model that samples its actions differs from the demo by noise at
+every step: noise that swings both ways does not keep its running mean beyond the threshold, a real departure
+(the arm heading elsewhere, the gripper closing while the demo's stays open) does, and it is dated at its first
+step. The last ``window - 1`` steps of a trace cannot start a divergence (too few steps follow to tell it from
+noise; a trace shorter than ``window`` is judged over its whole length). With ``window=1`` the rule is the plain
+"first step whose difference exceeds the threshold". Keys are judged separately, so a gripper that flips between
+-1 and +1 (a difference of 2.0) is reported as the gripper's divergence, not the arm's.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ def divergence_steps(model: np.ndarray, replay: np.ndarray, dims: Mapping[str, i
     signed = np.asarray(model, np.float64) - np.asarray(replay, np.float64)
     if signed.ndim != 2 or not len(signed):
         return {k: None for k in key_slices(dims, 0)}
-    steps = len(signed)
-    # mean over t .. t+window-1 (shorter at the end of the trace: the steps that remain)
+    window = min(window, len(signed))
+    starts = len(signed) - window + 1  # steps with a full window after them
     cumulative = np.concatenate([np.zeros((1, signed.shape[1])), np.cumsum(signed, axis=0)])
-    ends = np.minimum(np.arange(steps) + window, steps)
-    means = (cumulative[ends] - cumulative[:steps]) / (ends - np.arange(steps))[:, None]
-    hits = (np.abs(signed) > threshold) & (np.abs(means) > threshold)
+    side = np.sign(signed[:starts])
+    hits = np.abs(signed[:starts]) > threshold
+    for k in range(2, window + 1):
+        running = (cumulative[k:starts + k] - cumulative[:starts]) / k
+        hits &= running * side > threshold
     result: dict[str, int | None] = {}
     for key, cols in key_slices(dims, signed.shape[1]).items():
         rows = np.flatnonzero(hits[:, cols].any(axis=1))
