@@ -37,7 +37,7 @@ def test_dataset_info_json(gr1_dataset_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_dataset_info_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["dataset", "info", str(tmp_path / "nope")]) == 1
+    assert cli_main(["dataset", "info", str(tmp_path / "nope")]) == 2  # bad input (1 before the exit-code table)
     assert "not a LeRobot dataset" in capsys.readouterr().err
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..data.lerobot_writer import FORMATS, V21
+from .flags import field_flags
 
 
 def register(subparsers: Any) -> None:
@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
+    # convert_hdf5_to_lerobot's parameters, for its errors
+    field_flags(p).update({name: f"--{name.replace('_', '-')}" for name in
+                           ("task", "fps", "eval_proportion", "layout", "overwrite", "format")})
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
@@ -44,31 +47,21 @@ def run(args: argparse.Namespace) -> int:
     """Run the conversion and print a one-line summary."""
     from ..data.column_map import ColumnMap
     from ..data.hdf5_to_lerobot import DEMO_MAP_FILE, convert_hdf5_to_lerobot
-    from ..data.lerobot import DatasetError
-    from ..data.lerobot_writer import OutputNotEmptyError
-    from ..errors import ConfigError
 
-    try:
-        column_map = ColumnMap.load(args.column_map) if args.column_map else ColumnMap()
-        column_map = column_map.with_flags(args.camera, args.state, args.action_split)
-        summary = convert_hdf5_to_lerobot(
-            args.input,
-            args.output,
-            column_map,
-            task=args.task,
-            fps=args.fps,
-            eval_proportion=args.eval_proportion,
-            layout=args.layout,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-            format=args.format,
-        )
-    except OutputNotEmptyError as exc:
-        print(f"error: output directory {exc.path} is not empty (pass --overwrite to replace it)", file=sys.stderr)
-        return 1
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    column_map = ColumnMap.load(args.column_map) if args.column_map else ColumnMap()
+    column_map = column_map.with_flags(args.camera, args.state, args.action_split)
+    summary = convert_hdf5_to_lerobot(
+        args.input,
+        args.output,
+        column_map,
+        task=args.task,
+        fps=args.fps,
+        eval_proportion=args.eval_proportion,
+        layout=args.layout,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        format=args.format,
+    )
     print(
         f"Converted {summary.num_episodes} demos ({summary.layout} layout, {summary.num_frames} frames) to "
         f"LeRobot {args.format} dataset {summary.output} in {summary.seconds:.2f} s ({summary.frames_per_second:.1f} frames/s); "

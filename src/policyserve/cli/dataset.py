@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 
@@ -118,12 +117,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary of the dataset at ``args.path``."""
-    from ..data.lerobot import DatasetError, LeRobotDataset
+    from ..data.lerobot import LeRobotDataset
 
-    try:
-        summary = describe(LeRobotDataset(args.path))
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = describe(LeRobotDataset(args.path))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client.connect import connect_policy
+from ..errors import ConfigError
 from ..launch import ServerProcess
 
 
@@ -29,17 +30,35 @@ class DemoConfig:
     """Sizes of every stage of the demo; defaults keep it to a few minutes on 2 cores."""
 
     task: str = "lift"
+    """Built-in Franka task: lift or stack."""
     output: str | None = None
+    """Output directory (default ./outputs/demo-<timestamp>)."""
     n_demos: int = 3
+    """Scripted demos to record."""
     camera_size: tuple[int, int] = (64, 64)
+    """Camera image size (H, W) of the recorded demos and the evaluation envs."""
     model_steps: int = 50
-    """Training steps of the tiny model (~1.5 s/step on 2 busy cores); 0 serves the scripted expert instead."""
+    """Train a tiny model for this many steps and serve it (about a minute on 2 cores); 0 serves the scripted
+    expert as the model server instead."""
     eval_episodes: int = 4
+    """Episodes of the closing evaluation of the model server."""
     eval_envs: int = 2
+    """Envs the closing evaluation steps together."""
     max_episode_steps: int = 150
+    """Steps after which a recorded or evaluated episode ends."""
     seed: int = 0
+    """Seed of the recording (demo k resets with seed + k) and of the evaluation."""
     train_timeout_s: float = 600.0
+    """How long training may take before the demo fails."""
     progress: bool = True
+    """Show progress bars."""
+
+    MINIMUM = {"n_demos": 1, "model_steps": 0, "eval_episodes": 1, "eval_envs": 1, "max_episode_steps": 1}
+
+    def __post_init__(self) -> None:
+        for name, least in self.MINIMUM.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
 
 @dataclass

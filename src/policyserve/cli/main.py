@@ -1,9 +1,13 @@
 """``policyserve`` command line: one module per sub-command under ``policyserve.cli``.
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
-``func=<callable(args) -> int>``. Heavy imports (torch, MuJoCo, pyarrow) stay inside the callables
-so that ``policyserve --help`` and the client-only install stay light. Bad input that reaches a command as a
-policyserve error, ``OSError`` or ``ValueError`` is answered here with one ``error: ...`` line and exit code 1.
+``func=<callable(args) -> int>``; a command may also set ``error_hint=<callable(exc, args) -> str | None>``
+(a CLI hint added to an error line) and ``interrupted_note`` (said on Ctrl-C). Heavy imports (torch, MuJoCo,
+pyarrow) stay inside the callables so that ``policyserve --help`` and the client-only install stay light.
+
+Commands do not catch errors: :data:`EXIT_CODES` (here, once) turns what they raise into one
+``error: ...`` line and an exit code (bad input 2, a failure while running 1, Ctrl-C 130), naming the
+command's flags where a library error names a config field.
 """
 
 from __future__ import annotations
@@ -12,19 +16,73 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
 
-from ..errors import PolicyServeError
+from ..errors import ConfigError, PolicyServeError, ValidationError
+from .flags import FIELD_FLAGS, Parser, RawDescriptionHelpFormatter, name_flags
 
 COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo")
 SIM_COMMANDS = ("serve", "record", "rollout", "compare", "demo")
 """Commands that may build simulated envs: they take ``--verbose`` for robosuite's own messages."""
 SIM_VERBOSE_ENV = "POLICYSERVE_SIM_VERBOSE"  # read by policyserve.sim.verbosity, inherited by subprocesses
 
+BAD_INPUT, FAILED, INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """The command line does not parse (argparse's message, for the parser that refused it)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+EXIT_CODES: tuple[tuple[type[BaseException] | str, int], ...] = (
+    (KeyboardInterrupt, INTERRUPTED),
+    (UsageError, BAD_INPUT),
+    (argparse.ArgumentError, BAD_INPUT),
+    (argparse.ArgumentTypeError, BAD_INPUT),
+    (ConfigError, BAD_INPUT),
+    (ValidationError, BAD_INPUT),
+    ("policyserve.data.lerobot:DatasetError", BAD_INPUT),  # not a dataset / HDF5 file, output not empty
+    ("policyserve.data.video:VideoError", BAD_INPUT),
+    ("policyserve.client.connect:ServerUnavailableError", BAD_INPUT),  # nothing answers at --host/--port
+    (PolicyServeError, FAILED),
+    (OSError, FAILED),
+    (ValueError, FAILED),
+    (RuntimeError, FAILED),
+    (ImportError, FAILED),
+)
+"""Error type -> exit code, first match wins; ``"module:Name"`` entries are looked up only if that module was
+imported (an error of its type cannot exist otherwise). Errors of other types are bugs and keep their
+traceback."""
+
+EXTRAS = {"torch": "model", "safetensors": "model", "websockets": "serve", "prometheus_client": "serve",
+          "ray": "ray", "mujoco": "sim", "robosuite": "sim", "gymnasium": "sim", "pyarrow": "data", "h5py": "data",
+          "av": "data", "matplotlib": "eval"}
+"""Top-level module -> the extra of ``pip install 'policyserve[EXTRA]'`` that installs it."""
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code :data:`EXIT_CODES` gives ``exc``; None for errors that are bugs."""
+    for kind, code in EXIT_CODES:
+        if isinstance(kind, str):
+            module, _, name = kind.partition(":")
+            kind = getattr(sys.modules.get(module), name, None)  # type: ignore[assignment]
+            if kind is None:
+                continue
+        if isinstance(exc, kind):  # type: ignore[arg-type]
+            return code
+    return None
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="policyserve",
-        description="Serve, replay and evaluate robot policies over GR00T's ZeroMQ wire protocol.",
+        description="Serve, replay and evaluate robot policies over GR00T's ZeroMQ wire protocol.\n\n"
+        "Every flag also takes GR00T's underscore spelling (--model_path, --embodiment_tag); bool flags take "
+        "--x, --x True/False and --no-x. Exit codes: 0 done, 2 bad input, 1 failed while running, 130 Ctrl-C.",
+        formatter_class=RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -38,22 +96,66 @@ def build_parser() -> argparse.ArgumentParser:
         if name in SIM_COMMANDS:
             sub.choices[name].add_argument("--verbose", action="store_true",
                                            help="show robosuite's info lines and warnings (quiet by default)")
+    for command in sub.choices.values():
+        _raise_usage_errors(command)
+    _raise_usage_errors(parser)
     return parser
+
+
+def _raise_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Parse errors of ``parser`` (and its sub-commands) raise :class:`UsageError` instead of exiting."""
+    def error(message: str) -> None:
+        raise UsageError(parser, message)
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if child.error is not error:
+                    _raise_usage_errors(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    if getattr(args, "verbose", False):
-        os.environ[SIM_VERBOSE_ENV] = "1"
+    args: Any = None
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return BAD_INPUT
+        if getattr(args, "verbose", False):
+            os.environ[SIM_VERBOSE_ENV] = "1"
         return int(args.func(args) or 0)
-    except (PolicyServeError, OSError, ValueError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr, flush=True)
-        return 1
+    except BaseException as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        report(exc, args)
+        return code
+
+
+def report(exc: BaseException, args: Any) -> None:
+    """Print ``exc`` as the command line's one error line (usage errors as argparse prints them)."""
+    if isinstance(exc, UsageError):
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        note = getattr(args, "interrupted_note", None)
+        print(f"\nerror: interrupted{': ' + note if note else ''}", file=sys.stderr, flush=True)
+        return
+    if isinstance(exc, ImportError) and not isinstance(exc, PolicyServeError):
+        top = (exc.name or "").split(".")[0]
+        extra = EXTRAS.get(top, "all")
+        print(f"error: {top or exc} is not installed (pip install 'policyserve[{extra}]')", file=sys.stderr,
+              flush=True)
+        return
+    line = error_line(exc)
+    if isinstance(exc, PolicyServeError) and exit_code(exc) == BAD_INPUT:
+        line = name_flags(line, getattr(args, FIELD_FLAGS, None) or {})
+    hint = getattr(args, "error_hint", None)
+    extra = hint(exc, args) if hint is not None else None
+    print(f"error: {line}{'; ' + extra if extra else ''}", file=sys.stderr, flush=True)
 
 
 def error_line(exc: BaseException) -> str:

@@ -6,17 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import parse_size
-
-
-def parse_cameras(text: str) -> tuple[str, ...]:
-    """Comma-separated camera names; ``""`` or ``none`` for no cameras."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(c.strip() for c in text.split(",") if c.strip())
+from .flags import parse_names, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``record`` command (flags for :func:`policyserve.sim.recorder.record_demos`'s parameters)."""
     parser = subparsers.add_parser(
         "record",
         help="record scripted demos of a built-in Franka task to HDF5",
@@ -27,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-demos", type=int, default=50, help="number of demos to keep")
     parser.add_argument("--output", required=True, help="output .hdf5 path")
     parser.add_argument("--camera-size", type=parse_size, default=(128, 128), help="e.g. 128 or 128x128 (HxW)")
-    parser.add_argument("--cameras", type=parse_cameras, default=("table_cam", "wrist_cam"),
+    parser.add_argument("--cameras", type=parse_names, default=("table_cam", "wrist_cam"),
                         help="comma-separated subset of table_cam,wrist_cam, or 'none'")
     parser.add_argument("--seed", type=int, default=0, help="episode k resets with seed + k")
     parser.add_argument("--keep-failed", action="store_true", help="also keep episodes that did not succeed")
@@ -38,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Record the demos; prints the recorder's JSON summary (exit 1 when fewer demos than asked succeeded)."""
     from ..errors import ConfigError
     from ..sim.recorder import record_demos
 
