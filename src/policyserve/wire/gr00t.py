@@ -13,6 +13,11 @@ itself packs and unpacks everything but the ``bin`` payloads, which its Python A
 
 Decoding refuses pickled or object-dtype payloads, extension types and maps with non-string keys,
 and turns any malformed input into :class:`ProtocolError`; it never unpickles or evaluates code.
+
+Hostile input costs at most O(its size): every decode runs under a :class:`DecodeBudget` (values
+and decoded bytes allowed relative to the wire size, refused past it), and :func:`peek_request`
+reads a request's ``endpoint`` and ``api_token`` without building its ``data``, so a server can
+refuse an unauthenticated or unknown-endpoint message before decoding it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hmac
 import json
+import math
+import re
 import struct
+import sys
+import time
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -143,11 +153,12 @@ def packb(obj: Any) -> bytes:
     return b"".join(out)
 
 
-def decode_ndarray(data: Any, *, writable: bool = True) -> np.ndarray:
+def decode_ndarray(data: Any, *, writable: bool = True, budget: _Budget | None = None) -> np.ndarray:
     """Parse NPY bytes without pickle; object dtypes are refused.
 
     The result is a view of ``data`` when that is possible: ``data`` is aligned for the dtype and,
-    with ``writable=True``, itself writable. Otherwise it is a copy.
+    with ``writable=True``, itself writable. Otherwise it is a copy. ``budget`` (the decoder's) is
+    charged for the array.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"ndarray payload 'as_npy' must be bytes, got {type(data).__name__}")
@@ -163,35 +174,145 @@ def decode_ndarray(data: Any, *, writable: bool = True) -> np.ndarray:
         raise ProtocolError(f"unsupported NPY format version {major}.{view[7]}")
     if hlen > _MAX_NPY_HEADER or start + hlen > len(view):
         raise ProtocolError("NPY header length is invalid or truncated")
-    dtype, fortran, shape, count = _parse_npy_header(bytes(view[start : start + hlen]))
+    dtype, fortran, shape, count, canonical = _parse_npy_header(bytes(view[start : start + hlen]))
     offset = start + hlen
     nbytes = count * dtype.itemsize
     if len(view) - offset != nbytes:
         raise ProtocolError(
-            f"NPY data size mismatch: header says shape {shape} dtype {dtype} ({nbytes} bytes), "
+            f"NPY data size mismatch: header says shape {_clip(str(shape))} dtype {dtype} ({nbytes} bytes), "
             f"payload has {len(view) - offset} bytes"
         )
     flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-    if (writable and not flat.flags.writeable) or not flat.flags.aligned:
+    copy = (writable and not flat.flags.writeable) or not flat.flags.aligned
+    if budget is not None:
+        budget.spend(ARRAY_COST if canonical else ARRAY_COST + hlen, 112 + 8 * len(shape) + nbytes * (1 + copy))
+    if copy:
         flat = flat.copy()
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+_CANONICAL_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][a-zA-Z]\d{0,5})', 'fortran_order': (True|False), 'shape': \(((?:\d{1,19}, )*\d{0,19},?)\), \} *\n")
+"""The header ``np.save`` writes for a plain dtype; anything else takes the slower general parser."""
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_dtype(descr: str) -> np.dtype:
+    return np.lib.format.descr_to_dtype(descr)
+
+
+def _npy_header_fields(text: bytes) -> tuple[Any, Any, Any, bool]:
+    """(descr, fortran_order, shape, canonical) of an NPY header; ``canonical``: the fast path parsed it."""
+    match = _CANONICAL_NPY_HEADER.fullmatch(text)
+    if match is not None:
+        descr, fortran, dims = match.groups()
+        shape = tuple(int(d) for d in dims.replace(b",", b" ").split())
+        return _plain_dtype(descr.decode("ascii")), fortran == b"True", shape, True
+    header = ast.literal_eval(text.decode("latin1"))
+    return np.lib.format.descr_to_dtype(header["descr"]), header["fortran_order"], tuple(header["shape"]), False
+
+
 @functools.lru_cache(maxsize=4096)
-def _parse_npy_header(text: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int]:
-    """(dtype, fortran_order, shape, element count) of an NPY header; cached, as headers repeat."""
+def _parse_npy_header(text: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int, bool]:
+    """(dtype, fortran_order, shape, element count, canonical) of an NPY header; cached, as headers repeat."""
     try:
-        header = ast.literal_eval(text.decode("latin1"))
-        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
-        dtype = np.lib.format.descr_to_dtype(descr)
+        dtype, fortran, shape, canonical = _npy_header_fields(text)
     except Exception as exc:  # noqa: BLE001 - any malformed header is a protocol error
-        raise ProtocolError(f"invalid NPY header: {exc}") from exc
+        raise ProtocolError(f"invalid NPY header: {_clip(str(exc))}") from None
     if dtype.hasobject:
         raise ProtocolError(f"refusing object-dtype array (dtype {dtype}): pickled payloads are not accepted")
-    if not isinstance(fortran, bool) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"invalid NPY header fields: fortran_order={fortran!r} shape={shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    return dtype, fortran, shape, count
+    if not isinstance(fortran, bool) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+        raise ProtocolError(f"invalid NPY header fields: fortran_order={_clip(repr(fortran))} "
+                            f"shape={_clip(repr(shape))} (at most 32 non-negative dimensions)")
+    count = math.prod(shape)  # Python ints: a huge claimed shape cannot wrap around
+    return dtype, fortran, shape, count, canonical
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` (client-supplied) escaped and cut to ``limit`` characters, for error messages."""
+    shown = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + f"... ({len(shown)} characters)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBudget:
+    """How much decoding one message may cost, relative to its size on the wire.
+
+    A message of ``size`` bytes may decode to at most ``base_values + size // bytes_per_value``
+    values (every map, array, key and scalar counts one; an ndarray counts :data:`ARRAY_COST`) and
+    to at most ``base_bytes + bytes_ratio * size`` bytes of decoded objects (an estimate of what
+    the decoded objects hold, zero-copy array data included). Past either, decoding stops with a
+    :class:`ProtocolError` naming the limit, having done work proportional to the limit only.
+    """
+
+    base_values: int = 50_000
+    """Values any message may hold, however small."""
+    bytes_per_value: int = 128
+    """One more value allowed per this many wire bytes (a GR00T array takes ~150 bytes and costs 16)."""
+    base_bytes: int = 8 << 20
+    """Decoded bytes any message may take, however small."""
+    bytes_ratio: float = 3.0
+    """Decoded bytes allowed per wire byte on top of ``base_bytes``."""
+
+    def max_values(self, size: int) -> int:
+        """Most values a ``size``-byte message may decode to."""
+        return self.base_values + size // max(1, self.bytes_per_value)
+
+    def max_bytes(self, size: int) -> int:
+        """Most decoded bytes a ``size``-byte message may take."""
+        return self.base_bytes + int(self.bytes_ratio * size)
+
+
+DEFAULT_BUDGET = DecodeBudget()
+"""The budget :func:`unpackb` applies unless given another."""
+
+ARRAY_COST = 16
+"""Values one ndarray counts for against a :class:`DecodeBudget` (its header parse and view)."""
+
+
+@dataclasses.dataclass
+class DecodeStats:
+    """What decoding one message cost: filled in by :func:`unpackb` when passed one."""
+
+    wire_bytes: int = 0
+    values: int = 0
+    """Values decoded, counted as :class:`DecodeBudget` counts them."""
+    decoded_bytes: int = 0
+    """Estimated bytes the decoded objects hold (array data included); what a byte-limited queue should count."""
+
+
+class _Budget:
+    """The running account of one decode against a :class:`DecodeBudget`."""
+
+    __slots__ = ("values_left", "bytes_left", "max_values", "max_bytes", "size", "deadline", "_tick")
+
+    def __init__(self, budget: DecodeBudget, size: int, deadline: float | None) -> None:
+        self.max_values, self.max_bytes, self.size = budget.max_values(size), budget.max_bytes(size), size
+        self.values_left, self.bytes_left, self.deadline, self._tick = self.max_values, self.max_bytes, deadline, 0
+
+    def spend(self, values: int, nbytes: int) -> None:
+        self.values_left -= values
+        self.bytes_left -= nbytes
+        if self.values_left < 0:
+            raise ProtocolError(
+                f"message too complex: a {self.size}-byte message may decode to at most {self.max_values} values "
+                "(maps, arrays, keys, scalars; an ndarray counts " f"{ARRAY_COST}), this one has more")
+        if self.bytes_left < 0:
+            raise ProtocolError(
+                f"message too large once decoded: a {self.size}-byte message may decode to at most "
+                f"{self.max_bytes} bytes, this one to more")
+        if self.deadline is not None:
+            self._tick += 1
+            if self._tick & 63 == 0 and time.monotonic() > self.deadline:
+                raise ProtocolError("decoding ran past its deadline (message too complex to decode in time)")
+
+    @property
+    def values(self) -> int:
+        return self.max_values - self.values_left
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.max_bytes - self.bytes_left
 
 
 def _decode_modality_config(obj: dict) -> ModalityConfig:
@@ -217,8 +338,9 @@ _LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 
 class _Decoder:
     """msgpack decoder whose ``bin`` values are views of the input (no copy of array bytes)."""
 
-    def __init__(self, data: memoryview, writable: bool) -> None:
+    def __init__(self, data: memoryview, writable: bool, budget: _Budget) -> None:
         self.data, self.writable, self.pos, self.size = data, writable, 0, len(data)
+        self.budget = budget
 
     def _need(self, size: int) -> int:
         """Start of the next ``size`` bytes (advancing past them)."""
@@ -270,9 +392,12 @@ class _Decoder:
     def _str(self, size: int) -> str:
         start = self._need(size)
         try:
-            return str(self.data[start : self.pos], "utf-8")
+            text = str(self.data[start : self.pos], "utf-8")
         except UnicodeDecodeError as exc:
-            raise ProtocolError(f"string is not valid UTF-8: {exc}") from exc
+            raise ProtocolError(f"string is not valid UTF-8: {exc}") from None
+        if size > 64:
+            self.budget.spend(0, sys.getsizeof(text))
+        return text
 
     def _count(self, n: int) -> int:
         if n > self.size - self.pos:  # every element takes at least one byte
@@ -281,46 +406,193 @@ class _Decoder:
         return n
 
     def _array(self, n: int, depth: int) -> list:
+        self.budget.spend(n + 1, 88 + 40 * n)
         value = self.value
         items = [value(depth + 1) for _ in range(self._count(n))]
-        return [bytes(v) if type(v) is memoryview else v for v in items]
+        for i, v in enumerate(items):
+            if type(v) is memoryview:
+                self.budget.spend(0, len(v))
+                items[i] = bytes(v)
+        return items
 
     def _map(self, n: int, depth: int) -> Any:
+        self.budget.spend(2 * n + 1, 100 + 80 * n)
         value = self.value
         obj: dict[str, Any] = {}
         for _ in range(self._count(n)):
             key = value(depth + 1)
             if type(key) is not str:
                 shown = "bytes" if isinstance(key, memoryview) else type(key).__name__
-                raise ProtocolError(f"map keys must be strings, got a {shown} key ({key!r:.40})")
+                raise ProtocolError(f"map keys must be strings, got a {shown} key ({_clip(repr(key), 40)})")
             obj[key] = value(depth + 1)
         if NDARRAY_TAG in obj:
-            return decode_ndarray(obj.get("as_npy"), writable=self.writable)
+            return decode_ndarray(obj.get("as_npy"), writable=self.writable, budget=self.budget)
         for key, item in obj.items():
             if type(item) is memoryview:
+                self.budget.spend(0, len(item))
                 obj[key] = bytes(item)
         if MODALITY_CONFIG_TAG in obj:
             return _decode_modality_config(obj)
         return obj
 
 
-def unpackb(data: bytes | bytearray | memoryview, *, writable: bool = True, max_size: int | None = None) -> Any:
+def unpackb(
+    data: bytes | bytearray | memoryview,
+    *,
+    writable: bool = True,
+    max_size: int | None = None,
+    budget: DecodeBudget = DEFAULT_BUDGET,
+    stats: DecodeStats | None = None,
+    deadline: float | None = None,
+) -> Any:
     """Decode a wire message; any malformed input raises :class:`ProtocolError`.
 
     Arrays are views of ``data`` where possible. With ``writable=True`` (default) they are writable:
     views of a writable buffer (a ZeroMQ frame, a bytearray), else copies. ``writable=False`` allows
     read-only views of an immutable buffer.
+
+    The decode stays within ``budget`` (see :class:`DecodeBudget`) and, when ``deadline`` (a
+    ``time.monotonic()`` value) is given, stops with :class:`ProtocolError` once past it. ``stats``,
+    when given, receives what the decode cost (its ``decoded_bytes`` is the size to queue by).
     """
     size = len(data)
     if max_size is not None and size > max_size:
         raise ProtocolError(f"message of {size} bytes exceeds the maximum message size of {max_size} bytes")
-    decoder = _Decoder(memoryview(data).cast("B"), writable)
+    account = _Budget(budget, size, deadline)
+    decoder = _Decoder(memoryview(data).cast("B"), writable, account)
     try:
         obj = decoder.value()
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - defensive: hostile input must only ever raise ProtocolError
-        raise ProtocolError(f"could not decode msgpack message ({type(exc).__name__}: {exc})") from exc
+        raise ProtocolError(f"could not decode msgpack message ({type(exc).__name__}: {_clip(str(exc))})") from None
     if decoder.pos != size:
         raise ProtocolError(f"could not decode msgpack message: {size - decoder.pos} extra bytes after the message")
+    if stats is not None:
+        stats.wire_bytes, stats.values, stats.decoded_bytes = size, account.values, account.decoded_bytes
     return bytes(obj) if isinstance(obj, memoryview) else obj
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestHead:
+    """What a server needs before decoding a request's payload: see :func:`peek_request`."""
+
+    endpoint: str
+    """The endpoint named, ``"get_action"`` when the request names none (as GR00T's server defaults)."""
+    api_token: str | None
+    """The token sent, ``None`` when absent or not a string."""
+    has_data: bool
+    """Whether the request carries a ``data`` entry (not decoded)."""
+
+
+_PEEK_CHUNK = 4096
+
+MAX_REQUEST_KEYS = 16
+"""Most entries :func:`peek_request` accepts in a request's top-level map (GR00T sends at most 3)."""
+
+_STR_TYPES = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
+
+
+def peek_request(
+    data: bytes | bytearray | memoryview,
+    *,
+    expected_token: str | None = None,
+    budget: DecodeBudget = DEFAULT_BUDGET,
+) -> RequestHead:
+    """Read a GR00T request's ``endpoint`` and ``api_token`` without building its ``data``.
+
+    The payload is skipped by msgpack's C scanner, which builds no objects (a few nanoseconds per
+    value, ~80 ms for a 12 MB bomb of empty arrays): call this before :func:`unpackb` to refuse an
+    unknown-endpoint request, and to skip decoding altogether for endpoints that take no input.
+
+    With ``expected_token`` (the server's token) an unauthenticated request costs O(1): the token
+    must come before ``data`` or be the message's last entry (as every GR00T client sends it), so
+    when ``data`` is reached with no token yet and the message does not end with the expected
+    token, the head returns at once with ``api_token=None`` (unauthorized) and the payload is not
+    scanned; a wrong token before ``data`` also returns at once. Compare the head's ``api_token``
+    with the server's in constant time (``hmac.compare_digest``) either way.
+
+    Raises :class:`ProtocolError` when the message is not a map with string keys of at most
+    :data:`MAX_REQUEST_KEYS` entries, or ``endpoint`` is not a string. When a key repeats, the
+    last one counts, as in :func:`unpackb`.
+    """
+    view = memoryview(data).cast("B")
+    size = len(view)
+    longest = min(budget.max_values(size), size)
+    unpacker = msgpack.Unpacker(
+        max_buffer_size=max(size, 1), max_str_len=size, max_bin_len=size, max_array_len=longest,
+        max_map_len=longest, max_ext_len=size)
+    endpoint: Any = "get_action"
+    token: str | None = None
+    has_data = False
+    fed = min(size, _PEEK_CHUNK)  # the head of a request is in its first bytes: feed the rest when needed
+
+    def read(step: Callable[[], Any]) -> Any:
+        nonlocal fed
+        while True:
+            try:
+                return step()
+            except msgpack.OutOfData:
+                if fed == size:
+                    raise
+                unpacker.feed(view[fed:])
+                fed = size
+
+    try:
+        unpacker.feed(view[:fed])
+        try:
+            entries = read(unpacker.read_map_header)
+        except msgpack.UnpackValueError:
+            raise ProtocolError("request must be a msgpack map") from None
+        if entries > MAX_REQUEST_KEYS:
+            raise ProtocolError(f"request map has {entries} entries; at most {MAX_REQUEST_KEYS} are accepted "
+                                "(a GR00T request has 'endpoint', 'data' and 'api_token')")
+        for _ in range(entries):
+            if unpacker.tell() >= size or view[unpacker.tell()] not in _STR_TYPES:
+                raise ProtocolError("request map keys must be strings")
+            key = read(unpacker.unpack)
+            if key == "endpoint" or key == "api_token":
+                kind = view[unpacker.tell()] if unpacker.tell() < size else None
+                value = read(unpacker.unpack) if kind in _STR_TYPES else (read(unpacker.skip), _Unset)[1]
+                if key == "endpoint":
+                    if value is _Unset:
+                        raise ProtocolError("request 'endpoint' must be a string")
+                    endpoint = value
+                else:
+                    token = None if value is _Unset else value
+                    if expected_token is not None and not _same(token, expected_token):
+                        return RequestHead(endpoint, token, has_data)
+            else:
+                if key == "data":
+                    has_data = True
+                    if expected_token is not None and token is None and not _ends_with_token(view, expected_token):
+                        return RequestHead(endpoint, None, True)
+                read(unpacker.skip)
+    except ProtocolError:
+        raise
+    except msgpack.OutOfData:
+        raise ProtocolError("could not decode msgpack message: truncated") from None
+    except Exception as exc:  # noqa: BLE001 - hostile input must only ever raise ProtocolError
+        raise ProtocolError(f"could not decode msgpack message ({type(exc).__name__}: {_clip(str(exc))})") from None
+    if unpacker.tell() != size:
+        raise ProtocolError(f"could not decode msgpack message: {size - unpacker.tell()} extra bytes after the message")
+    return RequestHead(endpoint, token, has_data)
+
+
+class _Unset:
+    """Marks a value that was skipped, not read."""
+
+
+def _same(token: str | None, expected: str) -> bool:
+    return token is not None and hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode())
+
+
+@functools.lru_cache(maxsize=8)
+def _token_suffix(expected: str) -> bytes:
+    return msgpack.packb("api_token") + msgpack.packb(expected)
+
+
+def _ends_with_token(view: memoryview, expected: str) -> bool:
+    """Whether the message ends with the entry ``"api_token": expected`` (compared in constant time)."""
+    suffix = _token_suffix(expected)
+    return len(view) >= len(suffix) and hmac.compare_digest(bytes(view[-len(suffix):]), suffix)
