@@ -250,7 +250,7 @@ def test_adapter_merges_requests_from_several_clients_into_one_gr00t_call(fake_g
                 "state": {k: np.zeros((batch, 1, d), np.float32) for k, d in SPEC.dims.state.items()},
                 "language": {LANG: [["lift"]] * batch}}
 
-    outcomes = policy.serve_get_action([ActionRequest(obs(1), None, "a"), ActionRequest(obs(3), None, "b")])
+    outcomes = policy.serve_batch([ActionRequest(obs(1), None, "a"), ActionRequest(obs(3), None, "b")])
     assert [o[0]["arm"].shape[0] for o in outcomes] == [1, 3]
     assert policy.policy.calls == [None]  # one call to Gr00tPolicy for both clients
 
@@ -284,7 +284,7 @@ def test_model_merged_call_with_per_request_seeds_equals_separate_calls() -> Non
     assert policy.batchable and "seed" in policy.row_options
     requests = [ActionRequest(_model_obs(1, 0), {"seed": 1}, "a"), ActionRequest(_model_obs(3, 1), {"seed": 2}, "b"),
                 ActionRequest(_model_obs(2, 2), {"seed": 1}, "c")]
-    merged = policy.serve_get_action(requests)
+    merged = policy.serve_batch(requests)
     for request, (action, _) in zip(requests, merged):
         alone, _ = policy.get_action(request.observation, request.options)
         for key in alone:

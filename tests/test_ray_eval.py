@@ -248,10 +248,10 @@ class Demonstrator(PolicyWrapper):
         self.policy.serve_reset(options, client)
         return {}
 
-    def serve_get_action(self, requests):
+    def serve_batch(self, requests):
         outcomes = []
         for request in requests:
-            outcome = self.policy.serve_get_action([request])[0]
+            outcome = self.policy.serve_batch([request])[0]
             if not isinstance(outcome, Exception):
                 action = dict(outcome[0])
                 if self.demo.get(request.client) == self.perturb_demo and self.calls[request.client] >= self.after:

@@ -96,7 +96,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 # -- replicas on two nodes -----------------------------------------------------------------------------------
 def test_two_replicas_on_two_nodes_answer_merged_batches(slow_server):
     server, backend = slow_server
-    assert backend.concurrency == 2 and server.config.workers == 2
+    assert backend.concurrency == 2 and server.scheduler.config.workers == 2
     assert backend.batchable and backend.replica_states() == {"RUNNING": 2}
 
     infos = [i for r in concurrently([functools.partial(client_loop, server.port, v, 6) for v in range(1, 7)],

@@ -130,7 +130,7 @@ def test_one_bad_request_in_a_merged_call_fails_alone():
     policy = SlowPolicy(delay=0.05)
     good = ActionRequest(marked_observation(1), None, "a")
     bad = ActionRequest(franka_observation(state_dim_override={"eef_pos": 5}), None, "b")
-    outcomes = policy.serve_get_action([good, bad, ActionRequest(marked_observation(3), None, "c")])
+    outcomes = policy.serve_batch([good, bad, ActionRequest(marked_observation(3), None, "c")])
     assert np.all(outcomes[0][0]["arm"] == 1) and np.all(outcomes[2][0]["arm"] == 3)
     assert "expected dimension D=3, got D=5" in str(outcomes[1])
 
@@ -152,7 +152,7 @@ def test_scripted_expert_is_batched_and_keeps_each_clients_envs_apart():
         return {"video": {}, "state": state, "language": {"annotation.human.action.task_description": [["lift"]]}}
 
     alone = [make_scripted_policy("lift").get_action(obs(z)) for z in (0.8, 0.9)]
-    merged = policy.serve_get_action([ActionRequest(obs(0.8), None, "a"), ActionRequest(obs(0.9), None, "b")])
+    merged = policy.serve_batch([ActionRequest(obs(0.8), None, "a"), ActionRequest(obs(0.9), None, "b")])
     for (action, _), (expected, _) in zip(merged, alone):
         np.testing.assert_array_equal(action["arm"], expected["arm"])
     assert {k[0] for k in policy._experts} == {"a", "b"}

@@ -7,7 +7,7 @@ from .errors import (
 from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicySpec, PolicyWrapper, SimPolicyWrapper
 from .policies.replay import ReplayPolicy
 from .client.policy_client import PolicyClient
-from .serving.server import PolicyServer
+from .serving.server import PolicyServer, SchedulerConfig, ServerConfig
 from .wire.openpi_keys import OpenpiKeyMap
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,
@@ -16,6 +16,7 @@ from .types import (
     ActionConfig, ActionFormat, ActionRepresentation, ActionType, EmbodimentTag, ModalityConfig, ModalityDims,
 )
 from .serving.doors.base import FrontDoor
+from .serving.doors.gr00t import Gr00tDoor
 
 __version__ = "0.1.0"
 
@@ -33,9 +34,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ActionConfig", "ActionFormat", "ActionRepresentation", "ActionType", "BasePolicy", "ConfigError",
-    "ConstantPolicy", "DriverConfig", "EmbodimentTag", "FrontDoor", "Gr00tSimPolicyWrapper", "KeyMap",
+    "ConstantPolicy", "DriverConfig", "EmbodimentTag", "FrontDoor", "Gr00tDoor", "Gr00tSimPolicyWrapper", "KeyMap",
     "MetricsExporter", "ModalityConfig", "ModalityDims", "OpenpiFrontDoor", "OpenpiKeyMap", "PolicyClient",
     "PolicyDriver", "PolicyServeError", "PolicyServer", "PolicySpec", "PolicyTimeoutError", "PolicyWrapper",
-    "ProtocolError", "ReplayPolicy", "ServerError", "SimPolicyWrapper", "UnauthorizedError", "ValidationError",
+    "ProtocolError", "ReplayPolicy", "SchedulerConfig", "ServerConfig", "ServerError", "SimPolicyWrapper", "UnauthorizedError", "ValidationError",
     "get_modality_configs", "load_modality_config_file", "register_modality_config", "registered_embodiments",
 ]

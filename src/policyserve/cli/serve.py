@@ -1,8 +1,9 @@
 """``policyserve serve``: a policy server with GR00T's ``run_gr00t_server.py`` flags.
 
-Front doors: GR00T's ZeroMQ protocol on ``--port`` and, with ``--openpi-port``, openpi's websocket
-protocol too; ``--protocol openpi`` serves openpi clients only (on ``--openpi-port``, else ``--port``).
-``--metrics-port`` adds a Prometheus endpoint.
+The flags become a :class:`~policyserve.serving.server.ServerConfig` (host, token, limits, batching) and
+the list of front doors: GR00T's ZeroMQ protocol on ``--port`` and, with ``--openpi-port``, openpi's
+websocket protocol too; ``--protocol openpi`` opens the openpi door only (on ``--openpi-port``, else
+``--port``). ``--metrics-port`` adds a Prometheus endpoint.
 
 Policy source, first match wins: ``--model-path`` (a trained checkpoint), ``--dataset-path`` (replay
 a LeRobot dataset), ``--policy scripted:<task>`` (the simulation's scripted expert), otherwise the
@@ -77,10 +78,14 @@ def register(sub: Any) -> None:
 
 
 def front_doors(args: argparse.Namespace) -> list:
-    """The front doors beside the GR00T socket that the flags ask for (openpi, metrics)."""
+    """The front doors the flags ask for: GR00T (unless ``--protocol openpi``), openpi, metrics."""
     from ..errors import ConfigError
 
-    doors = []
+    doors: list = []
+    if args.protocol != "openpi":
+        from ..serving.doors.gr00t import Gr00tDoor
+
+        doors.append(Gr00tDoor(args.port))
     if args.protocol == "openpi" or args.openpi_port is not None:
         if args.use_sim_policy_wrapper:
             raise ConfigError("--use-sim-policy-wrapper is for GR00T sim clients; the openpi door needs the plain "
@@ -169,6 +174,18 @@ def _describe(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def server_config(args: argparse.Namespace):
+    """The :class:`~policyserve.serving.server.ServerConfig` the flags describe (sizes in MiB -> bytes)."""
+    from ..serving.server import SchedulerConfig, ServerConfig
+
+    return ServerConfig(
+        host=args.host, api_token=args.api_token, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        scheduler=SchedulerConfig(
+            max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+            rejoin_wait_ms=args.rejoin_wait_ms, max_queued_per_client=args.max_queued_per_client,
+            max_queued_bytes=int(args.max_queued_mb * 1024 * 1024)))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import PolicyServeError
     from ..serving.server import PolicyServer
@@ -179,19 +196,13 @@ def run(args: argparse.Namespace) -> int:
     backend = None
     try:
         spec = policy_spec(args)
+        config = server_config(args)
         doors = front_doors(args)
         backend = _ray_backend(args, spec)
         if backend is not None:
             for line in backend.describe():
                 print(line, flush=True)
-        server = PolicyServer(None if backend else spec.build(), backend=backend, host=args.host,
-                              port=None if args.protocol == "openpi" else args.port,
-                              api_token=args.api_token,
-                              max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-                              max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
-                              rejoin_wait_ms=args.rejoin_wait_ms,
-                              max_queued_per_client=args.max_queued_per_client,
-                              max_queued_bytes=int(args.max_queued_mb * 1024 * 1024))
+        server = PolicyServer(None if backend else spec.build(), backend=backend, port=None, config=config)
         for door in doors:
             server.add_front_door(door)
         server.bind()

@@ -17,7 +17,7 @@ Info = dict[str, Any]
 
 @dataclass
 class ActionRequest:
-    """One client's ``get_action`` call as a server hands it to :meth:`BasePolicy.serve_get_action`."""
+    """One client's ``get_action`` call as a server hands it to :meth:`BasePolicy.serve_batch`."""
 
     observation: Observation
     options: dict | None = None
@@ -36,8 +36,10 @@ class BasePolicy(ABC):
 
     Serving: a policy whose batch rows are independent sets ``batchable = True``; the server then
     merges ``get_action`` requests from different clients whose ``options`` are equal (apart from
-    the keys in ``row_options``) into one :meth:`serve_get_action` call. Stateful policies (replay)
-    keep ``batchable = False`` and are called once per request.
+    the keys in ``row_options``) into one :meth:`serve_batch` call. Stateful policies (replay)
+    keep ``batchable = False`` and are called once per request. :meth:`get_action`/:meth:`_get_action`
+    are the user-facing call and the one a policy implements; the server only calls :meth:`serve_batch`
+    and :meth:`serve_reset`.
     """
 
     batchable: bool = False
@@ -82,8 +84,8 @@ class BasePolicy(ABC):
         """``reset`` as the server calls it, knowing which client asked."""
         return self.reset(options)
 
-    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
-        """Answer several clients' requests, in one policy call when they can be merged.
+    def serve_batch(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+        """Answer several clients' ``get_action`` requests, in one policy call when they can be merged.
 
         Each request is validated on its own, so one bad request fails alone; the outcome per request
         is ``(action, info)`` or the exception it raised.

@@ -1,19 +1,21 @@
-"""Backends: what the scheduler calls to run a policy (in this process, or on Ray replicas)."""
+"""Backends: what the scheduler calls to run a policy (in this process, or on Ray replicas).
+
+A backend gets the scheduler's merged batch of ``get_action`` requests (:meth:`Backend.run_batch`) and
+answers one ``(action, info)`` or exception per request; the scheduler turns them into typed outcomes.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence, Sized
+from typing import Any, Union
 
-from ..policies.base import ActionRequest, BasePolicy
+from ..policies.base import Action, ActionRequest, BasePolicy, Info
 from ..types import ModalityConfigs, ModalityDims
+from .request import Request
 
-if TYPE_CHECKING:
-    from .scheduler import Request
-
-Outcome = Any
-"""``(action, info)`` or the exception the request raised."""
+BatchResult = Union[tuple[Action, Info], BaseException]
+"""One request's share of a batch: ``(action, info)`` or the exception that request raised."""
 
 
 class Backend(ABC):
@@ -21,7 +23,7 @@ class Backend(ABC):
 
     ``batchable`` and ``row_options`` say which ``get_action`` requests may share one call (see
     :class:`~policyserve.policies.base.BasePolicy`); ``concurrency`` is how many calls may run at once.
-    An ``info["server_timing"]`` map in an outcome is kept and completed by the scheduler.
+    An ``info["server_timing"]`` map in a result is kept (doors add the server's timing to it).
     """
 
     batchable: bool = False
@@ -37,8 +39,9 @@ class Backend(ABC):
         return ModalityDims()
 
     @abstractmethod
-    def get_action(self, requests: Sequence[Request]) -> list[Outcome]:
-        """One outcome per request, in order."""
+    def run_batch(self, requests: Sequence[Request]) -> list[BatchResult]:
+        """Run one policy call for these ``get_action`` requests (merged when the policy is batchable);
+        one result per request, in order."""
 
     @abstractmethod
     def reset(self, options: dict | None, client: str) -> Any:
@@ -62,12 +65,21 @@ class PolicyBackend(Backend):
     def get_modality_dims(self) -> ModalityDims:
         return self.policy.get_modality_dims()
 
-    def get_action(self, requests: Sequence[Request]) -> list[Outcome]:
-        return self.policy.serve_get_action([to_action_request(r) for r in requests])
+    def run_batch(self, requests: Sequence[Request]) -> list[BatchResult]:
+        return list(self.policy.serve_batch([to_action_request(r) for r in requests]))
 
     def reset(self, options: dict | None, client: str) -> Any:
         return self.policy.serve_reset(options, client)
 
 
 def to_action_request(request: Request) -> ActionRequest:
+    """The policy's view of a scheduled ``get_action`` request."""
     return ActionRequest(request.data.get("observation"), request.data.get("options"), request.client)
+
+
+def replica_count(backend: Backend) -> float:
+    """The backend's ``replicas`` (a count or a collection of replicas); 1 when it has none."""
+    replicas = getattr(backend, "replicas", None)
+    if replicas is None:
+        return 1.0
+    return float(len(replicas)) if isinstance(replicas, Sized) else float(replicas)

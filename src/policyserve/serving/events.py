@@ -3,10 +3,9 @@ and metrics)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .scheduler import Request
+from .request import Request
 
 
 class SchedulerListener:
@@ -22,7 +21,7 @@ class SchedulerListener:
         """One backend call served ``size`` requests in ``policy_ms``."""
 
     def answered(self, request: Request, ok: bool, policy_start: float | None, policy_end: float | None) -> None:
-        """``request`` got its reply (``ok`` False for ``{"error": ...}``); perf_counter times of its call."""
+        """``request`` got its reply (``ok`` False for a failure); perf_counter times of its call."""
 
     def failed(self, request: Request, exc: BaseException) -> None:
         """``request``'s call raised ``exc`` (it is answered with an error)."""

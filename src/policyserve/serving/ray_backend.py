@@ -32,9 +32,9 @@ from ..errors import ConfigError, PolicyServeError
 from ..cluster.runtime import RayUnavailableError, join_ray
 from ..policies.base import BasePolicy
 from ..types import ModalityConfigs
-from .backend import Backend, Outcome, to_action_request
+from .backend import Backend, BatchResult, to_action_request
 from .ray_replica import PolicyReplica
-from .scheduler import Request
+from .request import Request
 
 DEPLOYMENT = "PolicyReplica"
 _POLL_S = 1.0  # how often a waiting call checks that a replica is still running
@@ -138,8 +138,8 @@ class RayBackend(Backend):
     def get_modality_config(self) -> ModalityConfigs:
         return self._modality_config
 
-    def get_action(self, requests: Sequence[Request]) -> list[Outcome]:
-        return self._call("get_action", [to_action_request(r) for r in requests])
+    def run_batch(self, requests: Sequence[Request]) -> list[BatchResult]:
+        return self._call("run_batch", [to_action_request(r) for r in requests])
 
     def reset(self, options: dict | None, client: str) -> Any:
         result = self._call("reset", options, client)

@@ -1,8 +1,9 @@
 """One policy replica: the class a Ray Serve deployment runs on any node of the cluster.
 
 It builds its own policy (loads the checkpoint itself) from a picklable zero-argument callable such
-as :meth:`policyserve.serving.spec.PolicySpec.build`, answers the merged batches the front door's
-scheduler sends, and names itself in each reply's ``server_timing["replica"]``.
+as :meth:`policyserve.serving.spec.PolicySpec.build`, answers the merged batches the server's
+scheduler sends (:meth:`PolicyReplica.run_batch`), and names itself in each result's
+``info["server_timing"]["replica"]``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,29 @@ from typing import Any
 
 from ..errors import PolicyServeError
 from ..policies.base import ActionRequest, BasePolicy
-from .scheduler import error_message
+from .request import FailureKind, error_message, failure_kind
 
 
 class PolicyCallError(PolicyServeError):
     """A policy error raised in a replica, carried back as text (the policy's own exception types
-    need not survive pickling); the message is what the in-process server would answer."""
+    need not survive pickling); the message is what the in-process server would answer, and
+    ``failure_kind`` the kind of failure it would report."""
+
+    def __init__(self, message: str, failure_kind: FailureKind = FailureKind.INTERNAL) -> None:
+        super().__init__(message)
+        self.failure_kind = failure_kind
+
+    def __reduce__(self) -> tuple:
+        return PolicyCallError, (str(self), self.failure_kind)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> PolicyCallError:
+        """``exc`` as text and kind."""
+        return cls(error_message(exc), failure_kind(exc))
 
 
 class PolicyReplica:
-    """Serve deployment body: ``describe``, ``get_action`` (a merged batch), ``reset``, ``check_health``."""
+    """Serve deployment body: ``describe``, ``run_batch`` (a merged batch), ``reset``, ``check_health``."""
 
     def __init__(self, build: Callable[[], BasePolicy]) -> None:
         import ray
@@ -40,13 +54,13 @@ class PolicyReplica:
             "replica": self.name,
         }
 
-    def get_action(self, requests: Sequence[ActionRequest]) -> list[Any]:
-        """One outcome per request: ``(action, info)`` with ``info["server_timing"]["replica"]``, or a
+    def run_batch(self, requests: Sequence[ActionRequest]) -> list[Any]:
+        """One result per request: ``(action, info)`` with ``info["server_timing"]["replica"]``, or a
         :class:`PolicyCallError`."""
-        outcomes = []
-        for outcome in self.policy.serve_get_action(requests):
+        outcomes: list[Any] = []
+        for outcome in self.policy.serve_batch(requests):
             if isinstance(outcome, BaseException):
-                outcomes.append(PolicyCallError(error_message(outcome)))
+                outcomes.append(PolicyCallError.of(outcome))
                 continue
             action, info = outcome
             info = dict(info)
@@ -60,7 +74,7 @@ class PolicyReplica:
         try:
             return self.policy.serve_reset(options, client)
         except Exception as exc:  # noqa: BLE001 - answered to the client by the front door
-            return PolicyCallError(error_message(exc))
+            return PolicyCallError.of(exc)
 
     def check_health(self) -> None:
         """Serve's periodic health check: the policy must still answer its modality config."""

@@ -1,7 +1,9 @@
-"""One scheduler between the front doors (GR00T ZeroMQ, openpi websocket) and a policy backend.
+"""One scheduler between the front doors and a policy backend; it speaks no wire format.
 
-Front doors hand it :class:`Request` objects with a reply callback; it queues them per client, within
-limits, and worker threads serve them:
+Front doors hand it :class:`~policyserve.serving.request.Request` objects with a reply callback; it
+queues them per client, within limits, and worker threads serve them through the backend, answering
+each request with a typed :data:`~policyserve.serving.request.Outcome` (an action result with its
+timing, a call result, or a failure):
 
 - **fair**: clients take turns (round-robin by identity); a client's own requests stay in order, and
   at most one batch per client is in flight, so replies never overtake each other;
@@ -12,9 +14,9 @@ limits, and worker threads serve them:
   stay together instead of splitting into small batches; a lone client pays no batching delay
   (``batch_window_ms`` adds an optional wait for more);
 - **bounded**: per-client and total-bytes limits; a request over a limit is refused at once with
-  :class:`ServerBusyError`, never left waiting;
-- **clean shutdown**: :meth:`close` answers everything queued with "server shutting down" and waits
-  for the calls in progress to be answered.
+  :class:`~policyserve.serving.request.ServerBusyError`, never left waiting;
+- **clean shutdown**: :meth:`Scheduler.close` answers everything queued with a "server shutting down"
+  failure and waits for the calls in progress to be answered.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PolicyServeError
+from ..errors import ConfigError
 from ..policies.base import merge_key
 from ..policies.batching import layout_key
 from .backend import Backend
 from .events import NULL_LISTENER, SchedulerListener
+from .request import (
+    SHUTTING_DOWN, ActionResult, CallResult, Failure, FailureKind, Outcome, Request, ServerBusyError,
+    ShuttingDownError, Timing,
+)
 
-SHUTTING_DOWN = "server shutting down"
-
-
-class ServerBusyError(PolicyServeError):
-    """A request was refused because a queue limit was reached (the message names the limit)."""
+__all__ = ["SHUTTING_DOWN", "Scheduler", "SchedulerConfig", "ServerBusyError", "ShuttingDownError"]
 
 
 @dataclass
@@ -44,34 +46,23 @@ class SchedulerConfig:
     """Limits and batching of a :class:`Scheduler`."""
 
     max_batch_size: int = 32
-    """Most requests merged into one policy call; 1 turns merging off."""
+    """Most get_action requests merged into one policy call (continuous batching); 1 turns merging off."""
     batch_window_ms: float = 0.0
-    """Extra wait for more requests before a call that is not full (0: continuous batching only)."""
+    """Extra wait for more requests before a policy call that is not full (0: continuous batching only)."""
     rejoin_wait_ms: float = 5.0
-    """Longest wait for the clients of the previous merged call to send again (0: never wait)."""
+    """After a merged call, how long to wait (at most half the call's time) for the clients it answered to send
+    again, so they stay in one batch; never for a lone client (0: never wait)."""
     max_queued_per_client: int = 64
-    """Requests one client may have waiting; more are refused as busy."""
+    """Requests one client may have waiting; more are refused as busy at once."""
     max_queued_bytes: int = 1 << 30
-    """Total size of the waiting requests' messages; more are refused as busy."""
+    """Total size in bytes of the waiting requests' messages; more are refused as busy at once."""
     workers: int = 1
-    """Policy calls in flight at once (one per backend replica)."""
+    """Policy calls in flight at once (one per backend replica; the server sets it from the backend)."""
 
-
-@dataclass
-class Request:
-    """One call from a client, as a front door hands it over."""
-
-    client: str
-    endpoint: str
-    data: dict[str, Any]
-    reply: Callable[[Any], None]
-    """Called once, from a worker thread, with the reply payload (``[action, info]``, a reset result
-    or ``{"error": ...}``)."""
-    nbytes: int = 0
-    protocol: str = "gr00t"
-    received: float = field(default_factory=time.perf_counter)
-    call: Callable[[], Any] | None = None
-    """For endpoints other than get_action/reset: what to run on the worker."""
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class Scheduler:
@@ -81,8 +72,6 @@ class Scheduler:
                  listener: SchedulerListener | None = None) -> None:
         self.backend = backend
         self.config = config or SchedulerConfig()
-        if self.config.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.config.max_batch_size}")
         self.listener = listener or NULL_LISTENER
         self._lock = threading.Condition()
         self._queues: dict[str, deque[Request]] = {}
@@ -98,17 +87,19 @@ class Scheduler:
 
     # -- front-door side -------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the worker threads (``config.workers`` of them)."""
         for i in range(max(1, self.config.workers)):
             thread = threading.Thread(target=self._work, name=f"policyserve-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; raises :class:`ServerBusyError` (or a shutting-down error) at once if refused."""
+        """Queue ``request``; raises :class:`ServerBusyError` (:class:`ShuttingDownError` once closed) at once
+        if refused."""
         cfg = self.config
         with self._lock:
             if self._closed:
-                raise ServerBusyError(SHUTTING_DOWN)
+                raise ShuttingDownError()
             queue = self._queues.get(request.client)
             if queue is not None and len(queue) >= cfg.max_queued_per_client:
                 self.listener.rejected(request, "max_queued_per_client")
@@ -132,6 +123,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
+        """Requests waiting (not yet in a policy call)."""
         with self._lock:
             return self._queued
 
@@ -147,7 +139,7 @@ class Scheduler:
             self.listener.queue_depth(0)
             self._lock.notify_all()
         for request in dropped:
-            self._answer(request, {"error": SHUTTING_DOWN})
+            self._answer(request, Failure(FailureKind.SHUTTING_DOWN, SHUTTING_DOWN))
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -252,56 +244,44 @@ class Scheduler:
         start = time.perf_counter()
         first = batch[0]
         if first.endpoint == "get_action":
-            outcomes = _run(lambda: self.backend.get_action(batch))
-            if isinstance(outcomes, BaseException):
-                outcomes = [outcomes] * len(batch)
+            results = _run(lambda: self.backend.run_batch(batch))
+            if isinstance(results, BaseException):
+                results = [results] * len(batch)
         elif first.endpoint == "reset":
-            outcomes = [_run(lambda: self.backend.reset(first.data.get("options"), first.client))]
+            results = [_run(lambda: self.backend.reset(first.data.get("options"), first.client))]
         else:
             assert first.call is not None
-            outcomes = [_run(first.call)]
+            results = [_run(first.call)]
         end = time.perf_counter()
         if first.endpoint == "get_action":
             self._last_call_ms = (end - start) * 1000
         self.listener.batch(first.endpoint, len(batch), (end - start) * 1000)
-        for request, outcome in zip(batch, outcomes):
-            if isinstance(outcome, BaseException):
-                self.listener.failed(request, outcome)
-                payload: Any = {"error": error_message(outcome)}
+        for request, result in zip(batch, results):
+            outcome: Outcome
+            if isinstance(result, BaseException):
+                self.listener.failed(request, result)
+                outcome = Failure.from_exception(result)
             elif request.endpoint == "get_action":
-                action, info = outcome
-                info = dict(info)
-                info["server_timing"] = {
-                    **info.get("server_timing", {}),
-                    "queue_ms": (start - request.received) * 1000,
-                    "policy_ms": (end - start) * 1000,
-                    "merged_requests": len(batch),
-                }
-                payload = [action, info]
+                action, info = result
+                outcome = ActionResult(action, dict(info), Timing(
+                    queue_ms=(start - request.received) * 1000, policy_ms=(end - start) * 1000,
+                    merged_requests=len(batch), recv_to_reply_ms=0.0))
             else:
-                payload = outcome
-            self._answer(request, payload, start, end)
+                outcome = CallResult(result)
+            self._answer(request, outcome, start, end)
 
-    def _answer(self, request: Request, payload: Any, start: float | None = None, end: float | None = None) -> None:
-        if isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], dict) \
-                and "server_timing" in payload[1]:
-            payload[1]["server_timing"]["recv_to_reply_ms"] = (time.perf_counter() - request.received) * 1000
-        ok = not (isinstance(payload, dict) and "error" in payload and len(payload) == 1)
+    def _answer(self, request: Request, outcome: Outcome, start: float | None = None,
+                end: float | None = None) -> None:
+        if isinstance(outcome, ActionResult):
+            outcome.timing.recv_to_reply_ms = (time.perf_counter() - request.received) * 1000
         try:
-            request.reply(payload)
+            request.reply(outcome)
         finally:
-            self.listener.answered(request, ok, start, end)
+            self.listener.answered(request, not isinstance(outcome, Failure), start, end)
 
 
 def _run(call: Callable[[], Any]) -> Any:
     try:
         return call()
-    except Exception as exc:  # noqa: BLE001 - answered as {"error": ...}
+    except Exception as exc:  # noqa: BLE001 - answered as a Failure
         return exc
-
-
-def error_message(exc: BaseException) -> str:
-    """Text of an ``{"error": ...}`` reply: our errors as-is, others prefixed by their type."""
-    if isinstance(exc, (PolicyServeError, AssertionError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"

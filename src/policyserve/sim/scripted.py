@@ -229,7 +229,7 @@ class ScriptedPolicy(BasePolicy):
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
         return self._act(observation, "")
 
-    def serve_get_action(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
+    def serve_batch(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
         """Every request in one call, each client's envs keeping their own expert (phase)."""
         return [self._outcome(lambda r=r: self._checked(r)) for r in requests]
 

@@ -1,29 +1,108 @@
-"""Extra doors into a :class:`~policyserve.serving.server.PolicyServer`: another protocol's clients
-(openpi) or metrics scrapers, each on its own port, started and stopped with the server."""
+"""The door interface, the :class:`DoorContext` a door serves with, and the checks every door shares.
+
+A door owns one listening port and one wire protocol (or, for metrics, an HTTP exporter). The
+:class:`~policyserve.serving.server.PolicyServer` binds, starts and stops its doors; a door sees the rest
+of the server only through its :class:`DoorContext`: where to submit requests, where to report events,
+the served modality config and dims, the limits and the token. Listening (with the port-in-use error),
+the constant-time token check and the message-size check are written here once, for every door.
+"""
 
 from __future__ import annotations
 
+import errno
+import hmac
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from ..server import PolicyServer
+from ...errors import ConfigError, ProtocolError
+from ...types import ModalityConfigs, ModalityDims
+from ..events import SchedulerListener
+from ..request import Request
+
+UNAUTHORIZED = "Unauthorized: Invalid API token"
+
+__all__ = ["UNAUTHORIZED", "AddressInUseError", "DoorContext", "FrontDoor", "listening"]
+
+
+class AddressInUseError(ConfigError):
+    """A door's port is taken."""
+
+
+@dataclass(frozen=True)
+class DoorContext:
+    """What a door serves with (given to :meth:`FrontDoor.bind`)."""
+
+    submit: Callable[[Request], None]
+    """Queue a request with the scheduler; raises ``ServerBusyError`` at once when it is refused."""
+    listener: SchedulerListener
+    """Where the door reports events (invalid requests, refused tokens)."""
+    modality_config: ModalityConfigs
+    """The served policy's modality config."""
+    modality_dims: ModalityDims
+    """The served policy's declared sizes."""
+    host: str
+    """The address doors listen on unless a door is given its own."""
+    api_token: str | None
+    """Token every request (GR00T) or connection (openpi) must carry; None: no check. See :meth:`authorized`."""
+    max_message_bytes: int
+    """Largest message answered; larger ones get an error (see :meth:`check_size`)."""
+    hard_limit_bytes: int
+    """Largest message a transport may read at all; larger ones are dropped before being allocated."""
+    verbose: bool
+    """Print the door's address and its errors."""
+    protocols: tuple[str, ...] = ()
+    """Every protocol the server's doors speak (e.g. ``("gr00t", "openpi")``)."""
+    request_stop: Callable[[], None] = lambda: None
+    """Ask the server to shut down (GR00T's ``kill`` endpoint)."""
+    replicas: Callable[[], float] = lambda: 1.0
+    """Policy replicas serving now."""
+
+    def authorized(self, token: object) -> bool:
+        """True when no token is required or ``token`` equals it (compared in constant time)."""
+        if self.api_token is None:
+            return True
+        if not isinstance(token, str):
+            return False
+        return hmac.compare_digest(token.encode(), self.api_token.encode())
+
+    def check_size(self, nbytes: int) -> None:
+        """:class:`~policyserve.errors.ProtocolError` naming ``max_message_bytes`` for a message over it."""
+        if nbytes > self.max_message_bytes:
+            raise ProtocolError(
+                f"message of {nbytes} bytes exceeds the server's max_message_bytes={self.max_message_bytes}")
+
+
+@contextmanager
+def listening(url: str, host: str, port: int) -> Iterator[None]:
+    """Open a listening port inside this block: a taken port raises :class:`AddressInUseError`, any other
+    failure to listen a :class:`~policyserve.errors.ConfigError` naming ``url``."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            raise AddressInUseError(f"port {port} on {host} is in use") from None
+        if isinstance(exc, OSError) or isinstance(getattr(exc, "errno", None), int):
+            raise ConfigError(f"cannot listen on {url}: {exc}") from None
+        raise
 
 
 class FrontDoor(ABC):
-    """Lifecycle the server drives: :meth:`bind` (while binding its own port), :meth:`start` (once the
-    scheduler runs), :meth:`stop_reading` (first step of shutdown, before the scheduler answers what is
-    queued) and :meth:`close` (after the scheduler has answered everything)."""
+    """Lifecycle the server drives: :meth:`bind` (open the port), :meth:`start` (once the scheduler runs),
+    :meth:`stop_reading` (first step of shutdown, before the scheduler answers what is queued) and
+    :meth:`close` (after the scheduler has answered everything). A door that is also a
+    :class:`~policyserve.serving.events.SchedulerListener` receives the server's events."""
 
     name: str = "front door"
     protocol: str | None = None
     """The client protocol the door speaks (``Request.protocol`` of what it submits), if any."""
+    port: int | None = None
+    """The bound port (after :meth:`bind`)."""
 
     @abstractmethod
-    def bind(self, server: PolicyServer) -> int:
-        """Open the port (raising :class:`~policyserve.serving.server.AddressInUseError` when taken); returns it.
-
-        ``server`` gives the scheduler, backend, listener, host and token the door serves with."""
+    def bind(self, context: DoorContext) -> int:
+        """Open the port (raising :class:`AddressInUseError` when taken); returns it."""
 
     @abstractmethod
     def start(self) -> None:
@@ -34,4 +113,5 @@ class FrontDoor(ABC):
 
     @abstractmethod
     def close(self, timeout: float) -> None:
-        """Send pending replies (within ``timeout`` s) and release the port. Safe to call more than once."""
+        """Send pending replies (within ``timeout`` s) and release the port. Safe to call more than once,
+        and after a failed or missing :meth:`start`."""

@@ -1,26 +1,25 @@
 """Prometheus metrics of a :class:`~policyserve.serving.server.PolicyServer` (``serve --metrics-port``).
 
-:class:`MetricsExporter` listens to the scheduler and the front doors and serves the metrics over HTTP
-(``/metrics``) with ``prometheus_client`` on its own registry, from bind until the server has stopped.
-Metric names and meanings are listed in :data:`METRICS` (and in the README).
+:class:`MetricsExporter` is a door that serves no policy: it listens to the scheduler's and the other
+doors' events and serves the metrics over HTTP (``/metrics``) with ``prometheus_client`` on its own
+registry, from bind until the server has stopped. The protocols it labels are those of the server's
+doors (:attr:`~policyserve.serving.doors.base.DoorContext.protocols`). Metric names and meanings are
+listed in :data:`METRICS` (and in the README).
 """
 
 from __future__ import annotations
 
-import errno
 import time
-from collections.abc import Sized
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ...errors import ConfigError
+from ..backend import replica_count
 from ..events import SchedulerListener
-from .base import FrontDoor
+from ..request import Request
+from .base import DoorContext, FrontDoor, listening
 
-if TYPE_CHECKING:
-    from ..server import PolicyServer
-    from ..scheduler import Request
+__all__ = ["METRICS", "MetricsExporter", "replica_count"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -40,17 +39,9 @@ METRICS = {
 }
 
 
-def replica_count(backend: Any) -> float:
-    """The backend's ``replicas`` (a count or a collection of replicas); 1 when it has none."""
-    replicas = getattr(backend, "replicas", None)
-    if replicas is None:
-        return 1.0
-    return float(len(replicas)) if isinstance(replicas, Sized) else float(replicas)
-
-
 class MetricsExporter(SchedulerListener, FrontDoor):
     """Prometheus metrics on ``http://host:port/metrics`` (``host`` defaults to the server's; ``port=0``
-    picks a free one, see :attr:`port`)."""
+    picks a free one, see :attr:`port`). The server reports its events to it (it is a listener)."""
 
     name = "metrics"
 
@@ -80,27 +71,17 @@ class MetricsExporter(SchedulerListener, FrontDoor):
         self._thread: Any = None
 
     # -- FrontDoor -------------------------------------------------------------------------------
-    def bind(self, server: PolicyServer) -> int:
-        from ..server import AddressInUseError
-
-        self.host = self.host or server.host
-        backend = server.backend
-        self.replicas.set_function(lambda: replica_count(backend))
-        try:
+    def bind(self, context: DoorContext) -> int:
+        self.host = self.host or context.host
+        self.replicas.set_function(context.replicas)
+        with listening(f"http://{self.host}:{self.requested_port}", self.host, self.requested_port):
             self._http, self._thread = start_http_server(self.requested_port, addr=self.host, registry=self.registry)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUseError(f"port {self.requested_port} on {self.host} is in use") from None
-            raise ConfigError(f"cannot serve metrics on http://{self.host}:{self.requested_port}: {exc}") from None
         self.port = int(self._http.server_port)
-        protocols = (["gr00t"] if server.endpoint is not None else []) + [
-            d.protocol for d in server.front_doors if d.protocol is not None]
-        for protocol in protocols:  # zeros from the start, so rates and alerts work before the first failure
+        for protocol in context.protocols:  # zeros from the start, so rates and alerts work before the first failure
             self.auth_failures.labels(protocol)
             for limit in ("max_queued_per_client", "max_queued_bytes"):
                 self.busy.labels(limit, protocol)
-        server.add_listener(self)
-        if server.verbose:
+        if context.verbose:
             print(f"Metrics: http://{self.host}:{self.port}/metrics", flush=True)
         return self.port
 

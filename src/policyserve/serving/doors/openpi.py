@@ -1,4 +1,4 @@
-"""openpi front door: openpi's ``WebsocketPolicyServer`` protocol in front of the shared scheduler.
+"""openpi door: openpi's ``WebsocketPolicyServer`` protocol in front of the shared scheduler.
 
 Per connection, as openpi's server does: the server sends a msgpack-numpy metadata map, then answers
 each binary message (a msgpack-numpy observation) with a binary msgpack-numpy action map
@@ -9,17 +9,16 @@ frame (what openpi's client raises as ``RuntimeError``), but where openpi's serv
 connection this one keeps it open for the next request.
 
 Observations are mapped to the policy's GR00T keys (:mod:`~policyserve.wire.openpi_keys`) and
-submitted to the same :class:`~policyserve.serving.scheduler.Scheduler` as GR00T requests, so they are
-batched with them and count against the same limits. The websocket server runs on its own asyncio
-loop and thread; replies come back from scheduler workers through ``loop.call_soon_threadsafe`` and
-go out in request order per connection.
+submitted as :class:`~policyserve.serving.request.Request` objects to the same scheduler as GR00T
+requests, so they are batched with them and count against the same limits. Scheduler workers encode
+the typed outcomes (an action map, an ``episode_start`` acknowledgement, or a failure's text) and hand
+the frames to the door's asyncio loop (its own thread) through ``loop.call_soon_threadsafe``; they go
+out in request order per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import hmac
 import http
 import itertools
 import socket
@@ -27,24 +26,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
-from ...errors import ConfigError, ProtocolError
-from .base import FrontDoor
-from ..scheduler import Request, ServerBusyError, error_message
+from ...errors import ProtocolError
 from ...wire import openpi as openpi_codec
 from ...wire.openpi_keys import OpenpiKeyMap, OpenpiMapping
-
-if TYPE_CHECKING:
-    from ..server import PolicyServer
+from ..request import ActionResult, CallResult, Failure, FailureKind, Outcome, Request, error_message
+from .base import UNAUTHORIZED, DoorContext, FrontDoor, listening
 
 PROTOCOL = "openpi"
-UNAUTHORIZED = "Unauthorized: Invalid API token"
+DEFAULT_PORT = 8000
 
 __all__ = ["OpenpiFrontDoor"]
 
@@ -70,12 +66,13 @@ class OpenpiFrontDoor(FrontDoor):
 
     name = protocol = PROTOCOL
 
-    def __init__(self, port: int = 8000, host: str | None = None, key_map: OpenpiKeyMap | None = None) -> None:
+    def __init__(self, port: int = DEFAULT_PORT, host: str | None = None,
+                 key_map: OpenpiKeyMap | None = None) -> None:
         self.requested_port, self.host = port, host
         self.key_map = key_map or OpenpiKeyMap()
         self.port: int | None = None
         self.mapping: OpenpiMapping | None = None
-        self._server_ref: PolicyServer | None = None
+        self._ctx: DoorContext | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -86,22 +83,15 @@ class OpenpiFrontDoor(FrontDoor):
         self._reading = False
 
     # -- lifecycle (driven by PolicyServer) ------------------------------------------------------
-    def bind(self, server: PolicyServer) -> int:
-        self._server_ref = server
-        self.host = self.host or server.host
-        self.mapping = OpenpiMapping(self.key_map, server.backend.get_modality_config(),
-                                     server.backend.get_modality_dims())
+    def bind(self, context: DoorContext) -> int:
+        self._ctx = context
+        self.host = self.host or context.host
+        self.mapping = OpenpiMapping(self.key_map, context.modality_config, context.modality_dims)
         self._metadata = openpi_codec.packb(self.mapping.metadata())
         host = "" if self.host in ("0.0.0.0", "*") else self.host
-        try:
+        with listening(f"ws://{self.host}:{self.requested_port}", self.host, self.requested_port):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._sock = socket.create_server((host, self.requested_port), family=family)
-        except OSError as exc:
-            from ..server import AddressInUseError
-
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUseError(f"port {self.requested_port} on {self.host} is in use") from None
-            raise ConfigError(f"cannot listen on ws://{self.host}:{self.requested_port}: {exc}") from None
         self.port = self._sock.getsockname()[1]
         return self.port
 
@@ -111,7 +101,7 @@ class OpenpiFrontDoor(FrontDoor):
         self._thread = threading.Thread(target=self._run_loop, name=f"policyserve-openpi-{self.port}", daemon=True)
         self._thread.start()
         self._call(self._open(), 10.0)
-        if self._server_ref is not None and self._server_ref.verbose:
+        if self._ctx is not None and self._ctx.verbose:
             print(f"openpi clients: listening on ws://{self.host}:{self.port}", flush=True)
 
     def _run_loop(self) -> None:
@@ -124,10 +114,9 @@ class OpenpiFrontDoor(FrontDoor):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     async def _open(self) -> None:
-        server = self._server_ref
-        assert server is not None
+        assert self._ctx is not None
         self._ws_server = await serve(
-            self._handle, sock=self._sock, compression=None, max_size=server.hard_limit_bytes,
+            self._handle, sock=self._sock, compression=None, max_size=self._ctx.hard_limit_bytes,
             process_request=self._process_request,
         )
         self._reading = True
@@ -183,19 +172,14 @@ class OpenpiFrontDoor(FrontDoor):
     def _process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
-        token = self._server_ref.api_token if self._server_ref is not None else None
-        if token is not None:
-            given = request.headers.get("Authorization", "")
-            scheme, _, key = given.partition(" ")
-            if scheme != "Api-Key" or not hmac.compare_digest(key.strip().encode(), token.encode()):
-                self._listener.unauthorized(PROTOCOL)
+        ctx = self._ctx
+        assert ctx is not None
+        if ctx.api_token is not None:
+            scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+            if scheme != "Api-Key" or not ctx.authorized(key.strip()):
+                ctx.listener.unauthorized(PROTOCOL)
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, UNAUTHORIZED + "\n")
         return None
-
-    @property
-    def _listener(self) -> Any:
-        assert self._server_ref is not None
-        return self._server_ref.listener
 
     # -- connections -----------------------------------------------------------------------------
     async def _handle(self, websocket: ServerConnection) -> None:
@@ -247,15 +231,13 @@ class OpenpiFrontDoor(FrontDoor):
     def _dispatch(self, connection: _Connection, message: Any, received: float, future: asyncio.Future,
                   loop: asyncio.AbstractEventLoop) -> None:
         """Decode, map and submit one message; ``future`` gets (frame to send, received time)."""
-        server = self._server_ref
-        assert server is not None and self.mapping is not None
+        ctx = self._ctx
+        assert ctx is not None and self.mapping is not None
         endpoint = "get_action"
         try:
             if isinstance(message, str):
                 raise ProtocolError("expected a binary msgpack-numpy frame, got a text frame")
-            if len(message) > server.max_message_bytes:
-                raise ProtocolError(f"message of {len(message)} bytes exceeds the server's "
-                                    f"max_message_bytes={server.max_message_bytes}")
+            ctx.check_size(len(message))
             obs = openpi_codec.unpackb(message)
             if isinstance(obs, dict) and "__ctrl__" in obs:
                 endpoint = "reset"
@@ -263,15 +245,15 @@ class OpenpiFrontDoor(FrontDoor):
                 return
             observation = self.mapping.observation(obs)
             reply = self._replier(connection, future, loop, received, self._action_frame)
-            server.scheduler.submit(Request(connection.client, "get_action", {"observation": observation,
-                                                                              "options": None},
-                                            reply, nbytes=len(message), protocol=PROTOCOL, received=received))
+            ctx.submit(Request(connection.client, "get_action", {"observation": observation, "options": None},
+                               reply, nbytes=len(message), protocol=PROTOCOL, received=received))
         except Exception as exc:  # noqa: BLE001 - answered as a text frame, the connection stays usable
-            if not isinstance(exc, ServerBusyError):
-                self._listener.invalid(PROTOCOL, endpoint)
-                if server.verbose:
+            failure = Failure.from_exception(exc)
+            if failure.kind not in (FailureKind.BUSY, FailureKind.SHUTTING_DOWN):
+                ctx.listener.invalid(PROTOCOL, endpoint)
+                if ctx.verbose:
                     print(f"Error in openpi request: {error_message(exc)}", flush=True)
-            future.set_result((error_message(exc), None))
+            future.set_result((failure.message, None))
 
     def _control(self, connection: _Connection, obs: dict, nbytes: int, received: float, future: asyncio.Future,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -280,22 +262,22 @@ class OpenpiFrontDoor(FrontDoor):
             future.set_result((openpi_codec.packb({"__ack__": "episode_end" if control == "episode_end"
                                                    else "ignored"}), None))
             return
-        reply = self._replier(connection, future, loop, received,
-                              lambda payload, _c: openpi_codec.packb({"__ack__": "episode_start"}))
-        assert self._server_ref is not None
-        self._server_ref.scheduler.submit(Request(connection.client, "reset", {"options": None}, reply, nbytes=nbytes,
-                                                  protocol=PROTOCOL, received=received))
+        reply = self._replier(connection, future, loop, received, self._reset_frame)
+        assert self._ctx is not None
+        self._ctx.submit(Request(connection.client, "reset", {"options": None}, reply, nbytes=nbytes,
+                                 protocol=PROTOCOL, received=received))
 
     def _replier(self, connection: _Connection, future: asyncio.Future, loop: asyncio.AbstractEventLoop,
-                 received: float, encode: Callable[[Any, _Connection], bytes]) -> Callable[[Any], None]:
-        """Reply callback run on a scheduler worker: encodes there, hands the frame to the loop."""
+                 received: float, encode: Callable[[Any, _Connection], bytes]) -> Callable[[Outcome], None]:
+        """Reply callback run on a scheduler worker: encodes there, hands the frame to the loop. A failure
+        becomes one text frame (what openpi's client raises)."""
 
-        def reply(payload: Any) -> None:
-            if isinstance(payload, dict) and set(payload) == {"error"}:
-                frame: bytes | str = str(payload["error"])
+        def reply(outcome: Outcome) -> None:
+            if isinstance(outcome, Failure):
+                frame: bytes | str = outcome.message
             else:
                 try:
-                    frame = encode(payload, connection)
+                    frame = encode(outcome, connection)
                 except Exception as exc:  # noqa: BLE001 - e.g. the policy's action lacks a mapped key
                     frame = error_message(exc)
             try:
@@ -305,16 +287,23 @@ class OpenpiFrontDoor(FrontDoor):
 
         return reply
 
-    def _action_frame(self, payload: Any, connection: _Connection) -> bytes:
+    def _action_frame(self, outcome: ActionResult, connection: _Connection) -> bytes:
+        """openpi's action map: the mapped actions and ``server_timing`` (the policy's own entries, the
+        server's timing, ``infer_ms`` as openpi names the policy time, ``prev_total_ms``)."""
         assert self.mapping is not None
-        action, info = payload
-        reply: dict[str, Any] = self.mapping.actions_reply(action)
-        timing = dict(info.get("server_timing", {})) if isinstance(info, dict) else {}
-        timing["infer_ms"] = timing.get("policy_ms", 0.0)
+        reply: dict[str, Any] = self.mapping.actions_reply(outcome.action)
+        t = outcome.timing
+        timing = {**outcome.info.get("server_timing", {}), "queue_ms": t.queue_ms, "policy_ms": t.policy_ms,
+                  "merged_requests": t.merged_requests, "recv_to_reply_ms": t.recv_to_reply_ms,
+                  "infer_ms": t.policy_ms}
         if connection.prev_total_ms is not None:
             timing["prev_total_ms"] = connection.prev_total_ms
         reply["server_timing"] = timing
         return openpi_codec.packb(reply)
+
+    @staticmethod
+    def _reset_frame(outcome: CallResult, connection: _Connection) -> bytes:
+        return openpi_codec.packb({"__ack__": "episode_start"})
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:
