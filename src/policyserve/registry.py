@@ -22,6 +22,19 @@ class EmbodimentSpec:
     dims: ModalityDims = field(default_factory=ModalityDims)
 
 
+class UnknownEmbodimentError(ConfigError):
+    """No modality config is registered for the embodiment tag.
+
+    ``summary`` says so without the advice to library callers (a command line gives its own).
+    """
+
+    def __init__(self, tag: str, known: list[str]) -> None:
+        self.tag, self.known = tag, known
+        self.summary = f"no modality config registered for embodiment {tag!r}; known: {', '.join(known)}"
+        super().__init__(f"{self.summary}. Load a modality config file (load_modality_config_file) or register one "
+                         "with register_modality_config().")
+
+
 _REGISTRY: dict[str, EmbodimentSpec] = {}
 
 
@@ -100,10 +113,7 @@ def get_embodiment_spec(tag: str | EmbodimentTag) -> EmbodimentSpec:
         _load_builtin()
     key = canonical_tag(tag)
     if key not in _REGISTRY:
-        raise ConfigError(
-            f"no modality config registered for embodiment {key!r}; known: {', '.join(sorted(_REGISTRY))}. "
-            "Load a modality config file (load_modality_config_file) or register one with register_modality_config()."
-        )
+        raise UnknownEmbodimentError(key, sorted(_REGISTRY))
     return _REGISTRY[key]
 
 

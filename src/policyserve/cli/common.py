@@ -110,6 +110,27 @@ def server_hint(port: int) -> str:
     return f"start one with 'policyserve serve --port {port} ...' or check --host/--port/--api-token"
 
 
+def embodiment_hint(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """An ``error_hint`` for an embodiment tag with no registered modality config: which flags to use instead."""
+    from ..registry import UnknownEmbodimentError
+
+    if not isinstance(exc, UnknownEmbodimentError):
+        return None
+    source = ("inferred from the dataset" if getattr(args, "dataset_path", None)
+              else "read from the checkpoint" if getattr(args, "model_path", None) else None)
+    leave_out = f"leave --embodiment-tag out (the modality config is then {source}) or " if source else ""
+    return f"{leave_out}give the modality config as a JSON file with --modality-config-path FILE"
+
+
+def first_hint(*hints: Any) -> Any:
+    """One ``error_hint`` of several: the first that has something to say."""
+
+    def hint(exc: BaseException, args: argparse.Namespace) -> str | None:
+        return next((text for text in (h(exc, args) for h in hints) if text), None)
+
+    return hint
+
+
 def unavailable_server_hint(port_of: Any) -> Any:
     """An ``error_hint`` for main: :func:`server_hint` of ``port_of(exc, args)`` for a server that does not answer."""
 

@@ -2,7 +2,8 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=<callable(args) -> int>``; a command may also set ``error_hint=<callable(exc, args) -> str | None>``
-(a CLI hint added to an error line) and ``interrupted_note`` (said on Ctrl-C). Heavy imports (torch, MuJoCo,
+(what to do, in flags, added to the error line; it replaces the advice of an error that has a ``summary``)
+and ``interrupted_note`` (said on Ctrl-C). Heavy imports (torch, MuJoCo,
 pyarrow) stay inside the callables so that ``policyserve --help`` and the client-only install stay light.
 
 Commands do not catch errors: :data:`EXIT_CODES` (here, once) turns what they raise into one
@@ -21,7 +22,7 @@ from typing import Any
 from ..errors import ConfigError, PolicyServeError, ValidationError
 from .flags import FIELD_FLAGS, Parser, RawDescriptionHelpFormatter, name_flags
 
-COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo")
+COMMANDS = ("serve", "dataset", "convert", "record", "rollout", "compare", "train", "demo", "keys")
 SIM_COMMANDS = ("serve", "record", "rollout", "compare", "demo")
 """Commands that may build simulated envs: they take ``--verbose`` for robosuite's own messages."""
 SIM_VERBOSE_ENV = "POLICYSERVE_SIM_VERBOSE"  # read by policyserve.sim.verbosity, inherited by subprocesses
@@ -150,11 +151,12 @@ def report(exc: BaseException, args: Any) -> None:
         print(f"error: {top or exc} is not installed (pip install 'policyserve[{extra}]')", file=sys.stderr,
               flush=True)
         return
-    line = error_line(exc)
-    if isinstance(exc, PolicyServeError) and exit_code(exc) == BAD_INPUT:
-        line = name_flags(line, getattr(args, FIELD_FLAGS, None) or {})
     hint = getattr(args, "error_hint", None)
     extra = hint(exc, args) if hint is not None else None
+    # an error's ``summary`` leaves out its advice to library callers; the command's hint replaces it
+    line = " ".join(str(exc.summary).split()) if extra and getattr(exc, "summary", None) else error_line(exc)
+    if isinstance(exc, PolicyServeError) and exit_code(exc) == BAD_INPUT:
+        line = name_flags(line, getattr(args, FIELD_FLAGS, None) or {})
     print(f"error: {line}{'; ' + extra if extra else ''}", file=sys.stderr, flush=True)
 
 

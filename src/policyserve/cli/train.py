@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_progress
+from .common import add_progress, embodiment_hint
 from .flags import add_config_flags, config_kwargs
 
 ARCHITECTURE = ("image_size", "d_model", "num_inference_steps")
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                               "augment", "resume"])
     train.update(add_progress(p, TrainConfig))
     architecture = add_config_flags(p, ModelConfig, ARCHITECTURE)
-    p.set_defaults(func=lambda args: run(args, train, architecture))
+    p.set_defaults(func=lambda args: run(args, train, architecture), error_hint=embodiment_hint)
 
 
 def run(args: argparse.Namespace, train: dict[str, str], architecture: dict[str, str]) -> int:
