@@ -65,7 +65,10 @@ EXTRAS = {"torch": "model", "safetensors": "model", "websockets": "serve", "prom
 
 
 def exit_code(exc: BaseException) -> int | None:
-    """The exit code :data:`EXIT_CODES` gives ``exc``; None for errors that are bugs."""
+    """The exit code :data:`EXIT_CODES` gives ``exc``; None for errors that are bugs (also a policyserve module
+    that does not import)."""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "policyserve":
+        return None
     for kind, code in EXIT_CODES:
         if isinstance(kind, str):
             module, _, name = kind.partition(":")
