@@ -25,14 +25,17 @@ class ModelConfig:
     state_horizon: int = 1
     action_horizon: int = 16
     image_size: int = 84
+    """Square size images are resized to."""
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
     d_model: int = 128
+    """Width of the transformer trunk."""
     n_heads: int = 4
     trunk_layers: int = 2
     head_layers: int = 2
     ff_mult: int = 4
     dropout: float = 0.0
     num_inference_steps: int = 4
+    """Denoising steps at inference."""
     text_vocab_size: int = 2
     text_max_len: int = 16
     noise_beta_alpha: float = 1.5
@@ -99,21 +102,37 @@ class TrainConfig:
     """Optimisation settings of ``policyserve train``."""
 
     max_steps: int = 2000
+    """Optimizer steps in all (a resumed run continues up to this count)."""
     batch_size: int = 32
+    """Samples per optimizer step."""
     learning_rate: float = 3e-4
+    """Peak learning rate (AdamW), reached after ``warmup_steps``, then cosine decay."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up."""
     min_lr_ratio: float = 0.05
+    """Learning rate at the end of the cosine decay, as a share of ``learning_rate``."""
     grad_clip: float = 1.0
+    """Largest gradient norm (clipped above it)."""
     save_steps: int = 500
+    """Write a checkpoint-<step> directory every N steps."""
     eval_steps: int | None = None
+    """Eval-loss interval in steps (default: ``save_steps``)."""
     eval_batches: int = 4
+    """Batches of the eval split averaged for each eval loss."""
     seed: int = 0
+    """Seed of the weights, the batch order and the augmentation."""
     device: str = "cpu"
+    """Torch device: cpu, cuda or cuda:N."""
     augment: bool = True
+    """Random-shift and colour-jitter image augmentation."""
     resume: bool = True
+    """Continue from the last checkpoint in the output directory."""
     progress: bool = True
+    """Show a progress bar."""
     num_threads: int | None = None
+    """Torch CPU threads (default: torch's choice)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "save_steps"):
