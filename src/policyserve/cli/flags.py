@@ -179,6 +179,8 @@ class Flag:
     """Default that differs from the config's (e.g. None for "not given")."""
     required: bool = False
     """The flag must be given."""
+    scale: float = 1
+    """The field's value is the flag's number times this (e.g. ``2**20`` for a field in bytes, a flag in MiB)."""
 
 
 def field_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -213,8 +215,12 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, config: type | objec
         override = flags.get(name, Flag())
         flag = mapping[name]
         default = _default(config, by_name[name]) if override.default == Flag.default else override.default
-        help_text = _help(docs.get(name), override.help, None if override.required else default, mapping)
+        shown = None if override.required else default if override.scale == 1 or default is None \
+            else f"{_number(default / override.scale)} {override.metavar or ''}".strip()
+        help_text = _help(docs.get(name), override.help, shown, mapping)
         kwargs = _argparse_kwargs(hints[name], override, f"{cls.__name__}.{name}")
+        if override.scale != 1:
+            kwargs["type"] = _scaled(kwargs.get("type", float), override.scale, hints[name])
         dest = flag[2:].replace("-", "_")
         parser.add_argument(flag, dest=dest, default=default, help=help_text, required=override.required, **kwargs)
         dests[name] = dest
@@ -244,6 +250,7 @@ def _help(doc: str | None, extra: str | None, default: Any, mapping: Mapping[str
         text = extra
     # ``field`` -> --flag where the field has one, else plain text
     text = re.sub(r"``([^`]+)``", lambda m: mapping.get(m.group(1), m.group(1)), text)
+    text = re.sub(r":\w+:`~?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)  # :class:`~a.B` -> B
     text = " ".join(text.split())
     if default is not None and default is not False and default not in ((), [], "") \
             and "default" not in text.lower():
@@ -287,6 +294,22 @@ def _argparse_kwargs(annotation: Any, override: Flag, where: str) -> dict[str, A
     if origin in (list, tuple) and len(args) >= 1 and args[0] in (int, float, str):
         return {"metavar": override.metavar or ("N" if args[0] is int else None), "type": args[0], "nargs": "+"}
     raise TypeError(f"{where}: no flag type for {annotation}; give Flag(parse=...)")
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _scaled(parse: Callable[[str], Any], scale: float, annotation: Any) -> Callable[[str], Any]:
+    """The flag's number times ``scale``, as the field's type (an int field stays an int)."""
+    as_int = annotation is int or int in typing.get_args(annotation)
+
+    def parse_scaled(text: str) -> Any:
+        value = float(text) * scale
+        return int(value) if as_int else value
+
+    parse_scaled.__name__ = "number"
+    return parse_scaled
 
 
 def _or_none(kind: type) -> Callable[[str], Any]:
