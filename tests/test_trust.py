@@ -22,7 +22,7 @@ from policyserve.eval.identity import (
 )
 from policyserve.policies.constant import ConstantPolicy
 from policyserve.policies.replay import RESET_OPTIONS, ReplayError, make_replay_policy
-from policyserve.sim.demos import DemoFile, DemoFileError
+from policyserve.data.demos import DemoFile, DemoFileError
 from policyserve.registry import get_embodiment_spec
 from policyserve.types import ModalityDims
 from test_data_convert import write_robomimic

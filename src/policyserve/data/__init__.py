@@ -1,6 +1,8 @@
-"""Datasets: LeRobot reader and writer, video I/O, statistics, HDF5 -> LeRobot conversion."""
+"""Datasets: LeRobot reader and writer, the recorded-demo HDF5 reader, video I/O, statistics, HDF5 -> LeRobot
+conversion."""
 
 from .column_map import ColumnMap
+from .demos import DemoFile, DemoFileError
 from .hdf5_to_lerobot import ConversionError, ConversionSummary, convert_hdf5_to_lerobot, open_hdf5
 from .lerobot import DatasetError, DatasetModality, Episode, LanguageSpec, LeRobotDataset, SliceSpec, VideoSpec
 from .lerobot_writer import FORMATS, LeRobotWriter
@@ -14,6 +16,8 @@ __all__ = [
     "ConversionSummary",
     "DatasetError",
     "DatasetModality",
+    "DemoFile",
+    "DemoFileError",
     "Episode",
     "LanguageSpec",
     "LeRobotDataset",

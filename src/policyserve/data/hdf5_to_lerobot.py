@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..sim.demos import DemoFile, DemoFileError
 from .column_map import ColumnMap, hdf5_path, state_key_name
+from .demos import DemoFile
 from .lerobot import DEMO_MAP_FILE, VIDEO_PREFIX, DatasetError
 from .lerobot_writer import FORMATS, V21
 
@@ -94,11 +94,9 @@ def _eval_split(num_episodes: int, eval_proportion: float) -> tuple[dict[str, st
 
 
 def open_hdf5(path: str | Path) -> DemoFile:
-    """The demo file at ``path``, with a :class:`DatasetError` naming the file when it is missing or not HDF5."""
-    try:
-        return DemoFile(path)
-    except DemoFileError as exc:
-        raise DatasetError(str(exc)) from None
+    """The demo file at ``path``; :class:`~policyserve.data.demos.DemoFileError` (a :class:`DatasetError`) names
+    the file when it is missing or not HDF5."""
+    return DemoFile(path)
 
 
 def convert_hdf5_to_lerobot(

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
-from ..sim.demos import DemoFile
+from ..data.demos import DemoFile
 from .compare import ComparisonConfig, ComparisonResult, run_comparison
 from .divergence import ACTION_WINDOW, divergence_steps, max_diff_per_key
 from .rollout import config_dict

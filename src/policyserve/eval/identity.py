@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..sim.demos import DemoFile
+from ..data.demos import DemoFile
 
 ACTION_TOLERANCE = 1e-5
 """Largest |served - recorded| first-action difference (after float32 rounding) that still counts as equal."""

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data.demos import DemoFile
 from ..errors import ConfigError
-from .demos import DemoFile
 from .envs import GYM_IDS, CAMERAS, get_task, make_env
 from .scripted import ScriptedExpert
 

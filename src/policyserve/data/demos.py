@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .lerobot import DatasetError
 
 DEMO_NAME = re.compile(r"^demo_(\d+)$")
 
 
-class DemoFileError(ConfigError):
+class DemoFileError(ConfigError, DatasetError):
     """A demo HDF5 file is missing or unreadable, or has no such demo or step."""
 
 
