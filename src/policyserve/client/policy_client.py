@@ -1,23 +1,35 @@
 """Policy client for GR00T-protocol servers (ours or NVIDIA's), with timeouts that work.
 
-Lazy-pirate pattern: each request waits at most ``timeout_ms`` for the reply; on timeout the REQ
-socket is discarded (LINGER 0) and a fresh one is made, so the next call works and closing the
-client never blocks the process.
+Lazy-pirate pattern: each request waits at most ``timeout_ms`` for the reply, decoding included;
+on timeout the REQ socket is discarded (LINGER 0) and a fresh one is made, so the next call works
+and closing the client never blocks the process. Every socket a client makes carries the same
+ZeroMQ routing id, so a server keeps its per-client state (a replay cursor, a scripted expert)
+across those reconnects, and asks for request ids (``REQ_CORRELATE``) so a late reply to a
+timed-out request is dropped instead of answering the next one.
+
+Replies are bounded: ``max_reply_bytes`` on the wire (ZeroMQ drops a larger message) and the
+codec's decode budget once received.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import time
 from typing import Any
 
 import zmq
 
 from ..errors import ConfigError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError
 from ..policies.base import Action, BasePolicy, Info, Observation
-from ..registry import parse_modality_configs
-from ..types import ModalityConfigs
-from ..wire.gr00t import packb, unpackb
+from ..types import ModalityConfig, ModalityConfigs
+from ..wire.gr00t import _clip, packb, unpackb
 
 LEGACY_ERROR_REPLY = b"ERROR"
+REQUEST_IDS = True
+"""Whether sockets send ZeroMQ request ids (``REQ_CORRELATE``): needs a server that echoes the whole envelope."""
+DEFAULT_MAX_REPLY_BYTES = 256 << 20
+"""Largest reply a client accepts unless told otherwise (256 MiB)."""
 
 
 class PolicyClient(BasePolicy):
@@ -25,6 +37,12 @@ class PolicyClient(BasePolicy):
 
     With ``strict=True`` observations and actions are checked locally against the server's
     modality config (fetched once).
+
+    ``max_reply_bytes`` bounds a reply's size (a larger one is dropped by ZeroMQ and the call times
+    out); ``curve_server_key`` (the server's public key: z85 text or a key file) turns on CurveZMQ
+    encryption, with ``curve_key_pair`` (a ``.key_secret`` file or a (public, secret) z85 pair) as
+    this client's keys, for servers that admit only authorized clients. ``identity`` fixes the
+    routing id (default: random, one per client, kept across reconnects).
     """
 
     def __init__(
@@ -34,11 +52,29 @@ class PolicyClient(BasePolicy):
         timeout_ms: int = 15000,
         api_token: str | None = None,
         strict: bool = False,
+        *,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        curve_server_key: str | bytes | os.PathLike | None = None,
+        curve_key_pair: str | bytes | os.PathLike | tuple[str | bytes, str | bytes] | None = None,
+        identity: bytes | None = None,
     ) -> None:
         super().__init__(strict=strict)
+        if max_reply_bytes <= 0:
+            raise ConfigError(f"max_reply_bytes must be positive, got {max_reply_bytes}")
+        if curve_key_pair is not None and curve_server_key is None:
+            raise ConfigError("curve_key_pair needs curve_server_key (the server's public key)")
+        if identity is not None and not (1 <= len(identity) <= 255 and identity[:1] != b"\0"):
+            raise ConfigError("identity must be 1 to 255 bytes, not starting with a zero byte")
         self.host, self.port = host, port
         self.timeout_ms = timeout_ms
         self.api_token = api_token
+        self.max_reply_bytes = max_reply_bytes
+        self.identity = identity or b"policyserve-" + secrets.token_hex(8).encode()
+        self._curve = None
+        if curve_server_key is not None:
+            from ..security import CurveClientKeys
+
+            self._curve = CurveClientKeys.load(curve_server_key, curve_key_pair)
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._modality_config: ModalityConfigs | None = None
@@ -53,6 +89,12 @@ class PolicyClient(BasePolicy):
             self._socket.close(linger=0)
         sock = self._context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        if REQUEST_IDS:
+            sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_reply_bytes)
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self.address)
         self._socket = sock
 
@@ -62,12 +104,13 @@ class PolicyClient(BasePolicy):
         if self._socket is None:
             raise RuntimeError("PolicyClient is closed")
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + timeout / 1000
         payload = packb(request)
         try:
             if not self._socket.poll(timeout, zmq.POLLOUT):
                 raise zmq.Again()
             self._socket.send(payload, zmq.NOBLOCK, copy=False)
-            if not self._socket.poll(timeout, zmq.POLLIN):
+            if not self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
                 raise zmq.Again()
             reply = self._socket.recv(zmq.NOBLOCK, copy=False)
         except (zmq.Again, KeyboardInterrupt) as exc:
@@ -75,18 +118,22 @@ class PolicyClient(BasePolicy):
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise PolicyTimeoutError(
-                f"no reply from {self.address} to {request.get('endpoint', 'get_action')!r} within {timeout} ms "
-                "(is the server running, and is the message under its size limit?)"
+                f"no reply from {self.address} to {_clip(repr(request.get('endpoint', 'get_action')))} within "
+                f"{timeout} ms (is the server running, is the message under its size limit, is the reply under "
+                f"max_reply_bytes={self.max_reply_bytes}{', and are the CURVE keys right' if self._curve else ''}?)"
             ) from None
         except zmq.ZMQError:
             self._init_socket()
             raise
+        if len(reply) > self.max_reply_bytes:
+            raise ProtocolError(f"reply from {self.address} of {len(reply)} bytes exceeds "
+                                f"max_reply_bytes={self.max_reply_bytes}")
         if len(reply) == len(LEGACY_ERROR_REPLY) and reply.bytes == LEGACY_ERROR_REPLY:
             raise ServerError("Server error. Make sure we are running the correct policy server.")
         try:
-            return unpackb(reply.buffer, writable=True)
+            return unpackb(reply.buffer, writable=True, deadline=deadline)
         except ProtocolError as exc:
-            raise ProtocolError(f"could not decode reply from {self.address}: {exc}") from exc
+            raise ProtocolError(f"could not decode reply from {self.address}: {exc}") from None
 
     def call_endpoint(
         self, endpoint: str, data: dict[str, Any] | None = None, requires_input: bool = True
@@ -103,31 +150,30 @@ class PolicyClient(BasePolicy):
             request["api_token"] = self.api_token
         result = self.send_request(request)
         if isinstance(result, dict) and "error" in result and len(result) == 1:
-            message = str(result["error"])
+            message = _clip(str(result["error"]), 2000)
             cls = UnauthorizedError if message.startswith("Unauthorized") else ServerError
             raise cls(message, endpoint)
         return result
 
     # -- endpoints -------------------------------------------------------------------------------
     def ping(self) -> bool:
-        """True if a server answers within ``timeout_ms``; False (never a hang) otherwise."""
+        """True if a server answers a ping within ``timeout_ms``; False on any failure (never a hang)."""
         try:
             self.call_endpoint("ping", requires_input=False)
             return True
-        except (PolicyTimeoutError, zmq.ZMQError, ProtocolError):
+        except Exception:  # noqa: BLE001 - any failure (timeout, error reply, bad reply, closed) means "no"
             return False
 
     def get_modality_config(self) -> ModalityConfigs:
-        """The server's ``{modality: ModalityConfig}``, fetched and parsed once.
+        """The server's ``{modality: ModalityConfig}`` as it declares them, fetched and parsed once.
 
-        Raises :class:`ProtocolError` when the reply is not a config of the four modalities.
+        Whatever subset of modalities the server declares is returned (GR00T's server answers ``{}``
+        for a policy without modality configs). Raises :class:`ProtocolError` when the reply is not
+        a map of modality name to config.
         """
         if self._modality_config is None:
             reply = self.call_endpoint("get_modality_config", requires_input=False)
-            try:
-                self._modality_config = parse_modality_configs(reply, f"modality config from {self.address}")
-            except ConfigError as exc:
-                raise ProtocolError(str(exc)) from exc
+            self._modality_config = _parse_declared_configs(reply, self.address)
         return dict(self._modality_config)
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
@@ -161,3 +207,21 @@ class PolicyClient(BasePolicy):
             self.close()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def _parse_declared_configs(reply: Any, address: str) -> ModalityConfigs:
+    """``{modality: ModalityConfig}`` from a ``get_modality_config`` reply, any subset of modalities."""
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"modality config from {address}: expected a map of modality to config, "
+                            f"got {type(reply).__name__}")
+    configs: ModalityConfigs = {}
+    for modality, entry in reply.items():
+        if isinstance(entry, ModalityConfig):
+            configs[modality] = entry
+            continue
+        try:
+            configs[modality] = ModalityConfig.from_json(entry)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"modality config from {address}: modality {_clip(repr(modality))}: "
+                                f"{_clip(str(exc))}") from None
+    return configs
