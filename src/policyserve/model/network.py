@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .rtc import Guidance, guided_velocity
 
 
 class SpatialSoftmax(nn.Module):
@@ -149,14 +150,22 @@ class FlowMatchingPolicyNet(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, video: dict[str, Tensor], state: dict[str, Tensor], text: Tensor, noise: Tensor, steps: int | None = None
+        self, video: dict[str, Tensor], state: dict[str, Tensor], text: Tensor, noise: Tensor, steps: int | None = None,
+        guidance: Guidance | None = None,
     ) -> Tensor:
-        """Integrate the flow from ``noise`` (B, H, A) with ``steps`` Euler steps; normalized chunk out."""
+        """Integrate the flow from ``noise`` (B, H, A) with ``steps`` Euler steps; normalized chunk out.
+
+        With ``guidance`` the chunk inpaints the guidance targets (real-time chunking, see :mod:`.rtc`).
+        """
         steps = steps or self.config.num_inference_steps
         memory = self.encode(video, state, text)
         x = noise
         for i in range(steps):
             t = torch.full((x.shape[0],), i / steps, device=x.device)
-            x = x + self.velocity(memory, x, t) / steps
+            if guidance is None:
+                v = self.velocity(memory, x, t)
+            else:
+                v = guided_velocity(lambda a, t=t: self.velocity(memory, a, t), x, i / steps, guidance)
+            x = x + v / steps
         return x
 

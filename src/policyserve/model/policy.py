@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -13,13 +15,18 @@ from ..types import EmbodimentTag, ModalityConfigs, ModalityDims
 from .checkpoint import PolicyBundle, load_checkpoint, resolve_device
 from .data import language_key, resize_frames
 from .network import FlowMatchingPolicyNet
+from .rtc import RTC_OPTION, Guidance, RTCRequest, build_guidance
 
 
 class ModelPolicy(BasePolicy):
     """Serves a :class:`FlowMatchingPolicyNet`; a whole request batch runs as one forward pass.
 
     Batchable: the server merges requests from different clients into one forward pass, per-request
-    seeds included (``seed`` is a row option).
+    seeds and RTC prefixes included (``seed`` and ``rtc`` are row options).
+
+    Real-time chunking: ``options={"rtc": {"prefix": {action_key: (B, P, D)}, "inference_delay": d,
+    "execution_horizon": s}}`` makes the chunk an inpainting of the committed prefix (see
+    :mod:`policyserve.model.rtc`); rows without ``rtc`` in the same call are sampled as usual.
 
     Images of any size are resized to the trained ``image_size``. Randomness: with
     ``options={"seed": s}`` every batch row starts from the same noise drawn from ``s``, so a row's
@@ -29,7 +36,8 @@ class ModelPolicy(BasePolicy):
     """
 
     batchable = True
-    row_options = frozenset({"seed"})
+    row_options = frozenset({"seed", RTC_OPTION})
+    capabilities = frozenset({RTC_OPTION})
 
     def __init__(
         self,
@@ -86,6 +94,42 @@ class ModelPolicy(BasePolicy):
             self._generator = torch.Generator().manual_seed(int(self.seed))
         return {}
 
+    def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
+        """Also checks ``options["rtc"]`` (a map, or one value per row in a merged call) against the action keys."""
+        value = (options or {}).get(RTC_OPTION)
+        if isinstance(value, list):
+            if batch_size is not None and len(value) != batch_size:
+                raise ValidationError("options", RTC_OPTION, f"one value per batch row ({batch_size})",
+                                      f"a list of {len(value)}")
+            for row in value:
+                if row is not None and not isinstance(row, RTCRequest):
+                    self._rtc(row, None)
+        elif value is not None:
+            self._rtc(value, batch_size)
+
+    def split_row_option(self, key: str, value: Any, rows: int) -> list[Any]:
+        if key != RTC_OPTION or isinstance(value, RTCRequest):
+            return [value] * rows
+        request = self._rtc(value, rows)
+        return [request.row(i) for i in range(rows)]
+
+    def _rtc(self, value: Any, batch: int | None) -> RTCRequest:
+        cfg = self.bundle.model_config
+        return RTCRequest.parse(value, cfg.action_dims, cfg.action_horizon, batch)
+
+    def _guidance(self, batch: int, options: dict | None) -> Guidance | None:
+        value = (options or {}).get(RTC_OPTION)
+        if value is None:
+            return None
+        rows = value if isinstance(value, list) else self.split_row_option(RTC_OPTION, value, batch)
+        if len(rows) != batch:
+            raise ValidationError("options", RTC_OPTION, f"one value per batch row ({batch})", f"{len(rows)} values")
+        rows = [row if row is None or isinstance(row, RTCRequest) else self._rtc(row, 1) for row in rows]
+        normalizer = self.bundle.normalizer
+        cfg = self.bundle.model_config
+        return build_guidance(rows, cfg.action_horizon, lambda k, a: normalizer.normalize("action", k, a),
+                              cfg.action_dims)
+
     def _noise(self, batch: int, options: dict | None) -> torch.Tensor:
         cfg = self.bundle.model_config
         shape = (cfg.action_horizon, cfg.action_dim)
@@ -93,11 +137,13 @@ class ModelPolicy(BasePolicy):
         if seed is None:
             return torch.randn((batch, *shape), generator=self._generator)
         seeds = seed if isinstance(seed, (list, tuple)) else [seed] * batch  # a list: one seed per row (merged)
-        if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+        if len(seeds) != batch or not all(s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, bool))
                                           for s in seeds):
             raise ValidationError("options", "seed", f"an int, or a list of {batch} ints", repr(seed))
-        rows = {s: torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in set(seeds)}
-        return torch.stack([rows[s] for s in seeds])
+        unseeded = [i for i, s in enumerate(seeds) if s is None]  # merged rows of requests without a seed
+        drawn = iter(torch.randn((len(unseeded), *shape), generator=self._generator) if unseeded else [])
+        rows = {s: torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in set(seeds) - {None}}
+        return torch.stack([next(drawn) if s is None else rows[s] for s in seeds])
 
     def _inputs(self, observation: Observation) -> tuple[dict, dict, torch.Tensor, int]:
         cfg = self.bundle.model_config
@@ -120,11 +166,14 @@ class ModelPolicy(BasePolicy):
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
         video, state, text, batch = self._inputs(observation)
         noise = self._noise(batch, options)
+        guidance = self._guidance(batch, options)
         dev = self.device
-        with torch.inference_mode():
+        # Guidance differentiates through the network, which inference mode forbids.
+        with torch.inference_mode() if guidance is None else torch.no_grad():
             chunk = self.model.sample(
                 {k: v.to(dev) for k, v in video.items()}, {k: v.to(dev) for k, v in state.items()},
                 text.to(dev), noise.to(dev), self.num_inference_steps,
+                guidance=None if guidance is None else guidance.to(dev),
             ).float().cpu().numpy()
         action: Action = {}
         start = 0

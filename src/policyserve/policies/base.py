@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ValidationError
 from ..types import ModalityConfigs, ModalityDims
 from . import batching, validation
 
@@ -45,7 +46,10 @@ class BasePolicy(ABC):
     batchable: bool = False
     row_options: frozenset[str] = frozenset()
     """Option keys that may differ between merged requests: the merged call gets them as a list with
-    one value per batch row (e.g. ``seed``)."""
+    one value per batch row (e.g. ``seed``; None for rows whose request lacks the key)."""
+    capabilities: frozenset[str] = frozenset()
+    """What the policy can do beyond a plain ``get_action``: ``"rtc"`` = real-time chunking (it inpaints
+    a committed action prefix given as ``options["rtc"]``, see ``policyserve.model.rtc``)."""
 
     def __init__(self, *, strict: bool = True) -> None:
         self.strict = strict
@@ -72,8 +76,22 @@ class BasePolicy(ABC):
     def check_action(self, action: Action, batch_size: int | None = None) -> int:
         return validation.check_action(action, self.get_modality_config(), self.get_modality_dims(), batch_size)
 
+    def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
+        """Raise :class:`ValidationError` for ``get_action`` options this policy cannot honour.
+
+        By default only refuses ``options["rtc"]`` when ``"rtc"`` is not in :attr:`capabilities`.
+        """
+        if options and "rtc" in options and "rtc" not in self.capabilities:
+            raise ValidationError("options", "rtc", "no 'rtc' option: this policy cannot inpaint a committed "
+                                  "action prefix (real-time chunking)", f"an rtc option for {type(self).__name__}")
+
+    def split_row_option(self, key: str, value: Any, rows: int) -> list[Any]:
+        """One request's value of row option ``key`` as one value per batch row (the same value by default)."""
+        return [value] * rows
+
     def get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
         batch_size = self.check_observation(observation) if self.strict else None
+        self.check_options(options, batch_size)
         action, info = self._get_action(observation, options)
         if self.strict:
             self.check_action(action, batch_size or None)
@@ -96,8 +114,8 @@ class BasePolicy(ABC):
         valid = []
         for i, request in enumerate(requests):
             try:
-                if self.strict:
-                    self.check_observation(request.observation)
+                rows = self.check_observation(request.observation) if self.strict else None
+                self.check_options(request.options, rows)
                 valid.append(i)
             except Exception as exc:  # noqa: BLE001 - reported to that request's client only
                 outcomes[i] = exc
@@ -109,7 +127,7 @@ class BasePolicy(ABC):
     def _merged_call(self, requests: Sequence[ActionRequest]) -> list[tuple[Action, Info] | Exception]:
         observations = [r.observation for r in requests]
         merged, sizes = batching.merge_observations(observations)
-        options = merge_row_options([r.options for r in requests], sizes, self.row_options)
+        options = merge_row_options([r.options for r in requests], sizes, self.row_options, self.split_row_option)
         try:
             action, info = self._get_action(merged, options)
             if self.strict:
@@ -151,19 +169,29 @@ class PolicyWrapper(BasePolicy):
     def row_options(self) -> frozenset[str]:  # type: ignore[override]
         return self.policy.row_options
 
+    @property
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
+        return self.policy.capabilities
+
+    def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
+        self.policy.check_options(options, batch_size)
+
+    def split_row_option(self, key: str, value: Any, rows: int) -> list[Any]:
+        return self.policy.split_row_option(key, value, rows)
+
 
 def merge_key(options: dict | None, row_options: frozenset[str]) -> Any:
     """Requests whose merge keys are equal can share one policy call (see ``BasePolicy.row_options``).
 
-    Options holding anything but plain values (arrays, say) get a key equal to no other.
+    Row options are left out (requests with and without them merge); other options holding anything
+    but plain values (arrays, say) get a key equal to no other.
     """
     if not options:
         return ()
     try:
-        shared = tuple(sorted((k, _frozen(v)) for k, v in options.items() if k not in row_options))
+        return tuple(sorted((k, _frozen(v)) for k, v in options.items() if k not in row_options))
     except TypeError:
         return object()
-    return shared, tuple(sorted(k for k in options if k in row_options))
 
 
 def _frozen(value: Any) -> Any:
@@ -176,12 +204,21 @@ def _frozen(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def merge_row_options(options: list[dict | None], sizes: list[int], row_options: frozenset[str]) -> dict | None:
-    """The options of a merged call: shared keys once, ``row_options`` keys as one value per row."""
-    first = options[0]
-    if not first:
-        return first
-    merged = {k: v for k, v in first.items() if k not in row_options}
-    for key in row_options & first.keys():
-        merged[key] = [opts[key] for opts, size in zip(options, sizes) for _ in range(size)]  # type: ignore[index]
+def merge_row_options(options: list[dict | None], sizes: list[int], row_options: frozenset[str],
+                      split: Callable[[str, Any, int], list[Any]] | None = None) -> dict | None:
+    """The options of a merged call: shared keys once, ``row_options`` keys as one value per row.
+
+    ``split(key, value, rows)`` turns one request's row-option value into its rows' values (default:
+    repeated); rows of requests without the key get None.
+    """
+    given = [opts for opts in options if opts]
+    if not given:
+        return options[0]
+    merged = {k: v for k, v in given[0].items() if k not in row_options}
+    for key in sorted(row_options & set().union(*(opts.keys() for opts in given))):
+        values: list[Any] = []
+        for opts, size in zip(options, sizes):
+            value = (opts or {}).get(key)
+            values += [None] * size if value is None else (split(key, value, size) if split else [value] * size)
+        merged[key] = values
     return merged

@@ -234,8 +234,8 @@ class ScriptedPolicy(BasePolicy):
         return [self._outcome(lambda r=r: self._checked(r)) for r in requests]
 
     def _checked(self, request: ActionRequest) -> tuple[Action, Info]:
-        if self.strict:
-            self.check_observation(request.observation)
+        rows = self.check_observation(request.observation) if self.strict else None
+        self.check_options(request.options, rows)
         return self._act(request.observation, request.client)
 
     def _act(self, observation: Observation, client: str) -> tuple[Action, Info]:

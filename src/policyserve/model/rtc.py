@@ -1,0 +1,199 @@
+"""Real-time chunking (RTC; Black et al. 2025, arXiv 2506.07339): guided inpainting of a committed action prefix.
+
+A client that executes action chunks asynchronously has already committed to the remainder of its
+previous chunk when it asks for the next one. RTC samples the new chunk so that it agrees with that
+remainder: the first ``inference_delay`` steps (executed before the answer arrives) are frozen, later
+overlapping steps are pulled towards the prefix with soft weights that decay to 0 at step
+``H - execution_horizon``, and the rest is free. At every denoising step the flow velocity is corrected
+by the vector-Jacobian product of the weighted error between the prefix and the predicted final chunk
+(pseudoinverse guidance), with the guidance weight clipped at ``max_guidance_weight`` (beta).
+
+The served option, per request (``prefix`` in the policy's un-normalized action space)::
+
+    options={"rtc": {"prefix": {action_key: (B, P, D)}, "inference_delay": d, "execution_horizon": s,
+                     "max_guidance_weight": 5.0, "schedule": "exp"}}
+
+Time convention: the policy's flow runs from t=0 (noise) to t=1 (data), ``x_t = (1 - t) noise + t action``,
+so the predicted final chunk at time t is ``x + (1 - t) v(x, t)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ValidationError
+
+RTC_OPTION = "rtc"
+"""The ``get_action`` option key that asks for real-time chunking."""
+SCHEDULES = ("exp", "linear")
+DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
+"""The paper's beta."""
+_REQUIRED = ("prefix", "inference_delay", "execution_horizon")
+_OPTIONAL = ("max_guidance_weight", "schedule")
+
+
+@dataclass(frozen=True)
+class RTCRequest:
+    """One request's parsed ``options["rtc"]``; ``prefix`` arrays are (B, P, D) float32, un-normalized."""
+
+    prefix: dict[str, np.ndarray]
+    inference_delay: int
+    execution_horizon: int
+    max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT
+    schedule: str = "exp"
+
+    @property
+    def prefix_length(self) -> int:
+        return int(next(iter(self.prefix.values())).shape[1])
+
+    @classmethod
+    def parse(cls, value: Any, action_dims: Mapping[str, int], horizon: int, batch: int | None) -> RTCRequest:
+        """Check an ``options["rtc"]`` value against the policy's action keys/dims and chunk length ``horizon``.
+
+        ``batch`` is the request's batch size (None: taken from the prefix). Raises
+        :class:`ValidationError` naming the field, what was expected and what was given.
+        """
+        if not isinstance(value, Mapping):
+            raise ValidationError("options", RTC_OPTION, "a map with keys " + ", ".join(_REQUIRED),
+                                  type(value).__name__)
+        unknown = sorted(set(map(str, value)) - set(_REQUIRED) - set(_OPTIONAL))
+        missing = [k for k in _REQUIRED if k not in value]
+        if unknown or missing:
+            raise ValidationError("options", RTC_OPTION, f"keys {list(_REQUIRED)} (optional {list(_OPTIONAL)})",
+                                  f"keys {sorted(map(str, value))}", "has unknown or missing keys")
+        prefix = value["prefix"]
+        if not isinstance(prefix, Mapping) or sorted(map(str, prefix)) != sorted(action_dims):
+            actual = sorted(map(str, prefix)) if isinstance(prefix, Mapping) else type(prefix).__name__
+            raise ValidationError("options.rtc", "prefix", f"a map of the action keys {sorted(action_dims)}", actual)
+        arrays: dict[str, np.ndarray] = {}
+        length: int | None = None
+        for key, dim in action_dims.items():
+            array = np.asarray(prefix[key])
+            rows = batch if batch is not None else (array.shape[0] if array.ndim == 3 else "B")
+            p = length if length is not None else "P"
+            expected = f"shape ({rows}, {p}, {dim}) with 1 <= P <= {horizon}"
+            if (array.ndim != 3 or array.shape[2] != dim or (batch is not None and array.shape[0] != batch)
+                    or not 1 <= array.shape[1] <= horizon or (length is not None and array.shape[1] != length)):
+                raise ValidationError("options.rtc.prefix", key, expected, f"shape {array.shape}")
+            if not np.issubdtype(array.dtype, np.number):
+                raise ValidationError("options.rtc.prefix", key, "a numeric array", f"dtype {array.dtype}")
+            if not np.isfinite(array).all():
+                raise ValidationError("options.rtc.prefix", key, "finite values", "NaN or inf")
+            arrays[key] = array.astype(np.float32, copy=False)
+            length = array.shape[1]
+        assert length is not None
+        delay = _int(value["inference_delay"], "inference_delay", 0, length,
+                     f"at most the prefix length P={length}: the frozen steps must be committed")
+        horizon_s = _int(value["execution_horizon"], "execution_horizon", 1, horizon,
+                         f"at most the chunk length H={horizon}")
+        beta = value.get("max_guidance_weight", DEFAULT_MAX_GUIDANCE_WEIGHT)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(beta) or beta < 0:
+            raise ValidationError("options.rtc", "max_guidance_weight", "a finite number >= 0", repr(beta))
+        schedule = value.get("schedule", "exp")
+        if schedule not in SCHEDULES:
+            raise ValidationError("options.rtc", "schedule", f"one of {list(SCHEDULES)}", repr(schedule))
+        return cls(arrays, delay, horizon_s, float(beta), str(schedule))
+
+    def row(self, index: int) -> RTCRequest:
+        """The same request restricted to batch row ``index`` (prefix arrays (1, P, D))."""
+        return RTCRequest({k: v[index : index + 1] for k, v in self.prefix.items()}, self.inference_delay,
+                          self.execution_horizon, self.max_guidance_weight, self.schedule)
+
+    def weights(self, horizon: int) -> np.ndarray:
+        """This request's soft mask over the ``horizon`` chunk steps, see :func:`soft_mask`."""
+        return soft_mask(horizon, self.inference_delay, self.execution_horizon, self.prefix_length, self.schedule)
+
+
+def _int(value: Any, name: str, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValidationError("options.rtc", name, f"an int from {low} to {high} ({what})", repr(value))
+    return int(value)
+
+
+def soft_mask(horizon: int, delay: int, execution_horizon: int, prefix_length: int,
+              schedule: str = "exp") -> np.ndarray:
+    """Guidance weights (H,) over the new chunk's steps (the paper's eq. 5).
+
+    1 on the first ``delay`` steps (frozen: executed before the new chunk arrives); then decaying to 0
+    at step ``end = min(H - execution_horizon, prefix_length)`` (``"exp"``: ``c (e^c - 1) / (e - 1)``,
+    ``"linear"``: ``c``, with ``c = (end - i) / (end - delay + 1)``); 0 from ``end`` on (no target there).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    weights = np.zeros(horizon, dtype=np.float32)
+    weights[:delay] = 1.0
+    end = min(horizon - execution_horizon, prefix_length)
+    if end > delay:
+        c = (end - np.arange(delay, end)) / (end - delay + 1)
+        weights[delay:end] = c * np.expm1(c) / (math.e - 1) if schedule == "exp" else c
+    return weights
+
+
+@dataclass
+class Guidance:
+    """Per-row inpainting targets of one batched sampling call (rows without RTC have zero weights).
+
+    ``target`` (B, H, A): normalized prefix, zero-padded; ``weights`` (B, H); ``max_weight`` (B,) = beta.
+    """
+
+    target: Tensor
+    weights: Tensor
+    max_weight: Tensor
+
+    def to(self, device: torch.device | str) -> Guidance:
+        return Guidance(self.target.to(device), self.weights.to(device), self.max_weight.to(device))
+
+
+def guidance_weight(t: float, max_weight: Tensor) -> Tensor:
+    """The paper's ``min(beta, (1 - t) / (t r_t^2))`` with ``r_t^2 = (1 - t)^2 / (t^2 + (1 - t)^2)``."""
+    if t <= 0.0 or t >= 1.0:
+        return max_weight
+    return torch.clamp(max_weight, max=(t * t + (1 - t) ** 2) / (t * (1 - t)))
+
+
+def guided_velocity(velocity: Callable[[Tensor], Tensor], x: Tensor, t: float, guidance: Guidance) -> Tensor:
+    """``v(x) + w(t) * J^T diag(W) (target - x1_hat)``, where ``x1_hat = x + (1 - t) v(x)`` is the predicted chunk.
+
+    ``velocity`` maps noisy chunks (B, H, A) at flow time ``t`` to velocities; the correction moves the
+    predicted chunk towards ``guidance.target`` on the weighted steps.
+    """
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        v = velocity(xg)
+        predicted = xg + (1.0 - t) * v
+        error = (guidance.target - predicted.detach()) * guidance.weights.unsqueeze(-1)
+        (correction,) = torch.autograd.grad(predicted, xg, error)
+    return v.detach() + guidance_weight(t, guidance.max_weight).view(-1, 1, 1) * correction
+
+
+def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Callable[[str, np.ndarray], np.ndarray],
+                   action_dims: Mapping[str, int]) -> Guidance | None:
+    """The :class:`Guidance` of a batch whose row ``i`` asks for ``rows[i]`` (one-row requests; None: no RTC).
+
+    ``normalize(key, array)`` maps un-normalized actions of ``key`` to the network's space.
+    Returns None when no row asks for RTC.
+    """
+    if all(row is None for row in rows):
+        return None
+    batch, width = len(rows), sum(action_dims.values())
+    target = np.zeros((batch, horizon, width), dtype=np.float32)
+    weights = np.zeros((batch, horizon), dtype=np.float32)
+    beta = np.zeros(batch, dtype=np.float32)
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        start = 0
+        for key, dim in action_dims.items():
+            target[i, : row.prefix_length, start : start + dim] = normalize(key, row.prefix[key][0])
+            start += dim
+        weights[i] = row.weights(horizon)
+        beta[i] = row.max_guidance_weight
+    return Guidance(torch.from_numpy(target), torch.from_numpy(weights), torch.from_numpy(beta))
