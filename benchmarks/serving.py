@@ -4,12 +4,17 @@
     cameras, a few training steps) served by ``policyserve serve --model-path``, with continuous batching
     (default) and with ``--max-batch-size 1``;
 (b) a synthetic policy costing 20 ms + 1 ms per sample, served by our server and by the upstream serial
-    scheme (GR00T's REQ/REP loop with np.save-in-msgpack, tests/upstream_gr00t.py) with the same cost.
+    scheme (GR00T's REQ/REP loop with np.save-in-msgpack, tests/upstream_gr00t.py) with the same cost;
+(c) the same trained model to openpi clients (``openpi_client.WebsocketClientPolicy``): through our openpi
+    door (``serve --protocol openpi``) and through openpi's own ``WebsocketPolicyServer`` (PyPI package
+    ``openpi-server``, installed with --no-deps by scripts/install.sh; it serves one request at a time on its
+    event loop), which calls the same loaded policy through the same openpi key mapping.
 
 Prints aggregate requests/s, p50/p99 latency and the merged batch sizes, and the ratios against the
-baselines (goals: model >= 3x unbatched, synthetic >= 5x upstream).
+baselines (goals: model >= 3x unbatched, synthetic >= 5x upstream, openpi door within 10% of the GR00T
+door and >= 3x openpi's server).
 
-    python benchmarks/serving.py [--clients 8] [--seconds 6]
+    python benchmarks/serving.py [--clients 8] [--seconds 6] [--no-openpi]
 """
 
 from __future__ import annotations
@@ -46,10 +51,33 @@ def franka_observation(image_size: int, seed: int) -> dict:
 
 
 # -- clients ---------------------------------------------------------------------------------------------------
+def openpi_observation(image_size: int, seed: int) -> dict:
+    """:func:`franka_observation` as an openpi client sends it (flat keys, one frame, concatenated state)."""
+    nested = franka_observation(image_size, seed)
+    return {
+        "observation/image": nested["video"]["ego_view"][0, 0],
+        "observation/wrist_image": nested["video"]["wrist_view"][0, 0],
+        "observation/state": np.concatenate([v[0, 0] for v in nested["state"].values()]),
+        "prompt": "lift the cube",
+    }
+
+
 def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int, start_at: float, out) -> None:
     """Closed loop until ``start_at + seconds``; sends (latencies ms, merged sizes) back."""
     obs = franka_observation(image_size, seed)
-    if kind == "upstream":
+    if kind == "openpi":
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+        openpi_client = WebsocketClientPolicy("127.0.0.1", port)
+        openpi_obs = openpi_observation(image_size, seed)
+
+        def call() -> tuple:
+            reply = openpi_client.infer(openpi_obs)
+            return None, {"server_timing": reply["server_timing"]} if "merged_requests" in reply.get(
+                "server_timing", {}) else None
+
+        client = openpi_client._ws  # closed below
+    elif kind == "upstream":
         from upstream_gr00t import UpstreamClient
 
         client = UpstreamClient(port, timeout_ms=60000)
@@ -74,6 +102,51 @@ def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int
             timing.append((info["server_timing"]["queue_ms"], info["server_timing"]["policy_ms"]))
     out.put((latencies, merged, timing))
     client.close()
+
+
+def openpi_server_main(checkpoint: str, port: int, ready) -> None:
+    """openpi's own WebsocketPolicyServer around the same loaded policy and openpi key mapping."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    from openpi_server import WebsocketPolicyServer
+
+    from policyserve.model import load_policy
+    from policyserve.wire.openpi_keys import OpenpiKeyMap, OpenpiMapping
+
+    policy = load_policy(checkpoint)
+    mapping = OpenpiMapping(OpenpiKeyMap(), policy.get_modality_config(), policy.get_modality_dims())
+
+    class Infer:
+        def infer(self, obs: dict) -> dict:
+            action, _ = policy.get_action(mapping.observation(obs))
+            return mapping.actions_reply(action)
+
+        def reset(self) -> None:
+            policy.reset()
+
+    ready.put(port)
+    WebsocketPolicyServer(Infer(), host="127.0.0.1", port=port, metadata=mapping.metadata()).serve_forever()
+
+
+def start_openpi_server(checkpoint: Path) -> tuple[mp.Process, int]:
+    import socket
+
+    with socket.socket() as probe:  # openpi's server reports no port: pick a free one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=openpi_server_main, args=(str(checkpoint), port, ready), daemon=True)
+    proc.start()
+    ready.get(timeout=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # listening once a connection is accepted
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("openpi's server did not start")
 
 
 def run_clients(kind: str, port: int, n: int, seconds: float, image_size: int) -> dict:
@@ -165,7 +238,11 @@ def make_checkpoint(directory: Path, image_size: int) -> Path:
     return save_checkpoint(directory / "ckpt", trainer.model, trainer.bundle)
 
 
-def start_model_server(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+GR00T_READY = r"listening on tcp://[\d.]+:(\d+)"
+OPENPI_READY = r"openpi clients: listening on ws://[\d.]+:(\d+)"
+
+
+def start_model_server(checkpoint: Path, *extra: str, ready: str = GR00T_READY) -> tuple[subprocess.Popen, int]:
     import re
 
     proc = subprocess.Popen([sys.executable, "-m", "policyserve", "serve", "--model-path", str(checkpoint),
@@ -174,7 +251,7 @@ def start_model_server(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen,
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        match = re.search(r"listening on tcp://[\d.]+:(\d+)", line)
+        match = re.search(ready, line)
         if match:
             return proc, int(match.group(1))
         if not line and proc.poll() is not None:
@@ -199,6 +276,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--image-size", type=int, default=84)
+    parser.add_argument("--no-openpi", action="store_true", help="skip (c), the openpi clients")
     args = parser.parse_args()
 
     print(f"{args.clients} client processes, closed loop, {args.seconds:.0f} s each run, B=1 per request")
@@ -215,6 +293,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(30)
             show(name, rows[name])
+        if not args.no_openpi:
+            openpi_rows(checkpoint, args, rows)
     for name, kind in (("synthetic 20ms+1ms/sample, upstream", "upstream"),
                        ("synthetic 20ms+1ms/sample, ours", "ours")):
         proc, port = start_synthetic(kind)
@@ -229,6 +309,43 @@ def main() -> None:
                  / rows["synthetic 20ms+1ms/sample, upstream"]["req_per_s"])
     print(f"\nmodel: batching / --max-batch-size 1 = {model:.2f}x throughput (goal >= 3x)")
     print(f"synthetic: ours / upstream serial = {synthetic:.2f}x throughput (goal >= 5x)")
+    if "model, openpi door" in rows:
+        door, gr00t = rows["model, openpi door"]["req_per_s"], rows["model, continuous batching"]["req_per_s"]
+        print(f"openpi: our openpi door / GR00T door = {door / gr00t:.2f}x throughput (goal >= 0.9x)")
+        if "model, openpi's own server" in rows:
+            theirs = rows["model, openpi's own server"]["req_per_s"]
+            print(f"openpi: our openpi door / openpi's WebsocketPolicyServer = {door / theirs:.2f}x throughput "
+                  "(goal >= 3x)")
+
+
+def openpi_rows(checkpoint: Path, args: argparse.Namespace, rows: dict) -> None:
+    """(c): the model to openpi clients, through our openpi door and through openpi's own server."""
+    try:
+        import openpi_client  # noqa: F401
+    except ImportError:
+        print("(openpi rows skipped: openpi-client is not installed; see scripts/install.sh)")
+        return
+    name = "model, openpi door"
+    proc, port = start_model_server(checkpoint, "--protocol", "openpi", ready=OPENPI_READY)
+    try:
+        rows[name] = run_clients("openpi", port, args.clients, args.seconds, args.image_size)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    show(name, rows[name])
+    try:
+        import openpi_server  # noqa: F401
+    except ImportError:
+        print("(openpi's own server skipped: openpi-server is not installed; see scripts/install.sh)")
+        return
+    name = "model, openpi's own server"
+    server, port = start_openpi_server(checkpoint)
+    try:
+        rows[name] = run_clients("openpi", port, args.clients, args.seconds, args.image_size)
+    finally:
+        server.terminate()
+        server.join(30)
+    show(name, rows[name])
 
 
 if __name__ == "__main__":

@@ -31,4 +31,7 @@ $PY -m pip install -q --disable-pip-version-check --no-deps "robosuite==1.5.2"
 $PY -m pip install -q --disable-pip-version-check -e ".[all,test]"
 # openpi's client, for the openpi front door's tests: without its numpy<2 pin (its other needs come with [test]).
 $PY -m pip install -q --disable-pip-version-check --no-deps "openpi-client==0.1.2"
+# openpi's own websocket server, the baseline of benchmarks/serving.py: --no-deps like openpi-client (its needs,
+# openpi-client and websockets, are installed above).
+$PY -m pip install -q --disable-pip-version-check --no-deps "openpi-server==0.1.0"
 echo "policyserve installed: $($PY -c 'import policyserve; print(policyserve.__file__)')"
