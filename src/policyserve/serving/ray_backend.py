@@ -9,7 +9,8 @@ scheduler keeps one merged batch in flight per replica (``concurrency``).
 A replica that dies during a call: the call is retried once (Serve routes it to a live replica). No
 replica running for ``no_replica_timeout_s``: the call is answered with "no policy replica available".
 
-Importing this module imports Ray; nothing else in policyserve does.
+Importing this module imports Ray; nothing else in policyserve does (:class:`RayConfig` lives in the
+Ray-free :mod:`~policyserve.serving.ray_config`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -33,8 +33,11 @@ from ..cluster.runtime import RayUnavailableError, join_ray
 from ..policies.base import BasePolicy
 from ..types import ModalityConfigs
 from .backend import Backend, BatchResult, to_action_request
+from .ray_config import RayConfig, parse_autoscale
 from .ray_replica import PolicyReplica
 from .request import Request
+
+__all__ = ["NoReplicaError", "RayBackend", "RayConfig", "ReplicaStartError", "parse_autoscale"]
 
 DEPLOYMENT = "PolicyReplica"
 _POLL_S = 1.0  # how often a waiting call checks that a replica is still running
@@ -47,57 +50,6 @@ class NoReplicaError(PolicyServeError):
 
 class ReplicaStartError(ConfigError):
     """The replicas could not be started (bad policy description, resources the cluster lacks, ...)."""
-
-
-@dataclass
-class RayConfig:
-    """Where and how many policy replicas run."""
-
-    replicas: int = 1
-    ray_address: str | None = None
-    """A running cluster (``ray start --head`` prints it); None starts a local Ray instance."""
-    replica_cpus: float = 1.0
-    replica_gpus: float = 0.0
-    autoscale: tuple[int, int] | None = None
-    """``(min, max)`` replicas, scaled by Serve on the calls in flight; ``replicas`` is then the
-    initial count (within min..max)."""
-    app_name: str | None = None
-    """Serve application name (default: ``policyserve-<random>``, so servers can share a cluster)."""
-    start_timeout_s: float = 300.0
-    graceful_shutdown_s: float = 10.0
-    """How long a replica being removed (scale-down, application removed) may finish its call; a call cut
-    short is retried on another replica."""
-    no_replica_timeout_s: float = 30.0
-    call_timeout_s: float = 600.0
-    local_object_store_mb: int = 200
-
-    def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
-        if self.replica_cpus < 0 or self.replica_gpus < 0:
-            raise ConfigError(f"--replica-cpus/--replica-gpus must be >= 0, got {self.replica_cpus}/"
-                              f"{self.replica_gpus}")
-        if self.autoscale is not None:
-            low, high = self.autoscale
-            if not 1 <= low <= high:
-                raise ConfigError(f"--autoscale MIN:MAX needs 1 <= MIN <= MAX, got {low}:{high}")
-            if not low <= self.replicas <= high:
-                raise ConfigError(f"--replicas {self.replicas} is outside --autoscale {low}:{high}")
-
-    @property
-    def max_replicas(self) -> int:
-        return self.autoscale[1] if self.autoscale else self.replicas
-
-
-def parse_autoscale(text: str) -> tuple[int, int]:
-    """``"MIN:MAX"`` -> ``(min, max)``; :class:`ConfigError` naming the expected form otherwise."""
-    low, sep, high = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return int(low), int(high)
-    except ValueError:
-        raise ConfigError(f"--autoscale expects MIN:MAX (two integers, e.g. 1:4), got {text!r}") from None
 
 
 class RayBackend(Backend):

@@ -21,14 +21,23 @@ class PolicySpec:
     scripted expert), otherwise the constant policy for the modality config."""
 
     model_path: str | None = None
+    """Checkpoint directory (model mode)."""
     device: str = "cpu"
+    """Torch device for model mode (cpu, cuda, cuda:0)."""
     dataset_path: str | None = None
+    """LeRobot dataset to replay (replay mode)."""
     execution_horizon: int | None = None
+    """Replay: steps the cursor advances per get_action (default: the action horizon)."""
     action_horizon: int = 16
+    """Replay: action chunk length when the modality config is inferred from the dataset."""
     policy: str | None = None
+    """Built-in policy: ``scripted:lift``, ``scripted:stack`` or ``constant``."""
     embodiment_tag: str | None = None
+    """Embodiment tag name or value (GR1, NEW_EMBODIMENT, franka_panda, ...)."""
     modality_config_path: str | None = None
+    """JSON file of modality configs."""
     strict: bool = True
+    """Validate observations and actions against the modality config."""
     sim_wrapper: bool = False
     """Wrap in :class:`~policyserve.policies.sim_wrapper.SimPolicyWrapper` (flat GR00T sim-env keys)."""
 
@@ -79,7 +88,7 @@ class PolicySpec:
             _, _, task = self.policy.partition(":")  # type: ignore[union-attr]
             return make_scripted_policy(task or "lift")
         if self.policy not in (None, "constant"):
-            raise ConfigError(f"unknown --policy {self.policy!r}; expected scripted:lift, scripted:stack or constant")
+            raise ConfigError(f"policy {self.policy!r} is unknown; expected scripted:lift, scripted:stack or constant")
         from ..registry import get_embodiment_spec, load_modality_config_file
         from ..policies.constant import ConstantPolicy
 
