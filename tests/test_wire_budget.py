@@ -110,6 +110,10 @@ def test_value_budget_is_exact_and_named() -> None:
 def test_value_budget_grows_with_the_wire_size() -> None:
     budget = DecodeBudget(base_values=0, bytes_per_value=2)
     assert budget.max_values(100) == 50
+    assert DecodeBudget().max_values(1 << 30) == DecodeBudget().max_values_cap  # a 1 GB message gets no more
+    with pytest.raises(ProtocolError, match="at most 100 values"):
+        unpackb(msgpack.packb([[None] * 100] * 10), budget=DecodeBudget(base_values=0, bytes_per_value=1,
+                                                                        max_values_cap=100))
     message = msgpack.packb([None] * 200)  # 203 bytes, 201 values: more than one per 2 bytes
     with pytest.raises(ProtocolError, match="at most 101 values"):
         unpackb(message, budget=budget)

@@ -239,16 +239,18 @@ class DecodeBudget:
     """How much decoding one message may cost, relative to its size on the wire.
 
     A message of ``size`` bytes may decode to at most ``base_values + size // bytes_per_value``
-    values (every map, array, key and scalar counts one; an ndarray counts :data:`ARRAY_COST`) and
+    values (never more than ``max_values_cap``) (every map, array, key and scalar counts one; an ndarray counts :data:`ARRAY_COST`) and
     to at most ``base_bytes + bytes_ratio * size`` bytes of decoded objects (an estimate of what
     the decoded objects hold, zero-copy array data included). Past either, decoding stops with a
     :class:`ProtocolError` naming the limit, having done work proportional to the limit only.
     """
 
-    base_values: int = 50_000
-    """Values any message may hold, however small."""
-    bytes_per_value: int = 128
-    """One more value allowed per this many wire bytes (a GR00T array takes ~150 bytes and costs 16)."""
+    base_values: int = 32_768
+    """Values any message may hold, however small (about 1500 arrays, or 16,000 one-string language rows)."""
+    bytes_per_value: int = 256
+    """One more value allowed per this many wire bytes (a 16 MB message: 98k values, ~0.1 s to decode)."""
+    max_values_cap: int = 262_144
+    """No message, however large, decodes to more values (a 256 MB bomb is refused as fast as a 64 MB one)."""
     base_bytes: int = 8 << 20
     """Decoded bytes any message may take, however small."""
     bytes_ratio: float = 3.0
@@ -256,7 +258,7 @@ class DecodeBudget:
 
     def max_values(self, size: int) -> int:
         """Most values a ``size``-byte message may decode to."""
-        return self.base_values + size // max(1, self.bytes_per_value)
+        return min(self.max_values_cap, self.base_values + size // max(1, self.bytes_per_value))
 
     def max_bytes(self, size: int) -> int:
         """Most decoded bytes a ``size``-byte message may take."""
