@@ -4,10 +4,11 @@ from .client import DriverConfig, KeyMap, PolicyDriver
 from .errors import (
     ConfigError, PolicyServeError, PolicyTimeoutError, ProtocolError, ServerError, UnauthorizedError, ValidationError,
 )
-from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicySpec, PolicyWrapper, SimPolicyWrapper
+from .policies import BasePolicy, ConstantPolicy, Gr00tSimPolicyWrapper, PolicyWrapper, SimPolicyWrapper
 from .policies.replay import ReplayPolicy
 from .client.policy_client import PolicyClient
 from .serving.server import PolicyServer, SchedulerConfig, ServerConfig
+from .serving.spec import PolicySpec
 from .wire.openpi_keys import OpenpiKeyMap
 from .registry import (
     get_modality_configs, load_modality_config_file, register_modality_config, registered_embodiments,

@@ -2,10 +2,9 @@
 
 from .base import Action, BasePolicy, Info, Observation, PolicyWrapper
 from .constant import ConstantPolicy
-from ..serving.spec import PolicySpec
 from .sim_wrapper import Gr00tSimPolicyWrapper, SimPolicyWrapper
 
 __all__ = [
-    "Action", "BasePolicy", "ConstantPolicy", "Gr00tSimPolicyWrapper", "Info", "Observation", "PolicySpec",
-    "PolicyWrapper", "SimPolicyWrapper",
+    "Action", "BasePolicy", "ConstantPolicy", "Gr00tSimPolicyWrapper", "Info", "Observation", "PolicyWrapper",
+    "SimPolicyWrapper",
 ]
