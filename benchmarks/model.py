@@ -1,4 +1,5 @@
-"""Benchmark policyserve's flow-matching policy: inference latency (B = 1, 8, 32) and training steps/s.
+"""Benchmark policyserve's flow-matching policy: inference latency (B = 1, 8, 32), training steps/s, and the
+cost of a real-time-chunking (RTC) request against a plain one at B = 1 and 8.
 
 Uses the default architecture on the franka_panda layout (two 84x84 cameras, eef state, 16-step chunks)
 with synthetic episodes, so it needs no dataset or simulator:
@@ -39,14 +40,34 @@ def observation(batch: int, image_size: int, spec) -> dict:
     }
 
 
-def latency_ms(policy: ModelPolicy, obs: dict, reps: int) -> tuple[float, float]:
+def rtc_options(policy: ModelPolicy, obs: dict, delay: int = 4, execution_horizon: int = 8) -> dict:
+    """Options of an RTC request whose committed prefix is the remainder of a previous chunk."""
+    previous, _ = policy.get_action(obs, {"seed": 1})
+    prefix = {k: v[:, execution_horizon:] for k, v in previous.items()}
+    return {"seed": 0, "rtc": {"prefix": prefix, "inference_delay": delay, "execution_horizon": execution_horizon}}
+
+
+def rtc_cost(policy: ModelPolicy, image_size: int, spec, batch_sizes: list[int], reps: int) -> dict[str, float]:
+    """Median latency of an RTC request and of a plain one, and their ratio, per batch size."""
+    row: dict[str, float] = {}
+    for batch in batch_sizes:
+        obs = observation(batch, image_size, spec)
+        plain, _ = latency_ms(policy, obs, reps)
+        guided, _ = latency_ms(policy, obs, reps, rtc_options(policy, obs))
+        row.update({f"plain_ms_B{batch}": round(plain, 1), f"rtc_ms_B{batch}": round(guided, 1),
+                    f"rtc_cost_B{batch}": round(guided / plain, 2)})
+    return row
+
+
+def latency_ms(policy: ModelPolicy, obs: dict, reps: int, options: dict | None = None) -> tuple[float, float]:
     """(median, p90) milliseconds of ``policy.get_action`` after two warm-up calls."""
+    options = options or {"seed": 0}
     for _ in range(2):
-        policy.get_action(obs, {"seed": 0})
+        policy.get_action(obs, options)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        policy.get_action(obs, {"seed": 0})
+        policy.get_action(obs, options)
         if policy.device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
@@ -61,6 +82,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--train-batch-size", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--rtc-batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = get_embodiment_spec("franka_panda")
@@ -90,6 +112,7 @@ def main() -> None:
                 median, p90 = latency_ms(policy, observation(batch, args.image_size, spec), args.reps)
                 row[f"latency_ms_B{batch}"] = round(median, 1)
                 row[f"latency_p90_ms_B{batch}"] = round(p90, 1)
+            row.update(rtc_cost(policy, args.image_size, spec, args.rtc_batch_sizes, args.reps))
             results.append(row)
     print(f"policyserve model benchmark: {args.image_size}x{args.image_size} images x2 cameras, "
           f"action chunk 16x7, 4 denoising steps, torch {torch.__version__}")
@@ -98,6 +121,11 @@ def main() -> None:
     for row in results:
         print(f"{row['device']:<8}{row['params']:>10}{row['train_steps_per_s']:>15}"
               + "".join(f"{row[f'latency_ms_B{b}']:>12}" for b in args.batch_sizes))
+    print("RTC request cost (inference delay 4, execution horizon 8) vs a plain request, median ms:")
+    for row in results:
+        print(f"{row['device']:<8}" + "".join(
+            f"  B={b}: {row[f'rtc_ms_B{b}']} vs {row[f'plain_ms_B{b}']} ({row[f'rtc_cost_B{b}']}x)"
+            for b in args.rtc_batch_sizes))
     print(json.dumps(results))
 
 
