@@ -265,3 +265,21 @@ def test_corrupted_messages_raise_only_protocol_error(message, data):
         unpackb(bytes(encoded[:cut]))
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("arr", [
+    np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")]),  # structured: np.save writes a list descr
+    np.zeros((2, 3), dtype="<M8[ms]"),
+    np.zeros((), dtype="<c16"),
+])
+def test_non_canonical_npy_headers_take_the_general_parser(arr):
+    back = unpackb(packb({"a": arr}))["a"]
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_npy_header_with_unusual_spacing_still_decodes():
+    header = b"{'descr':'<f4','fortran_order':False,'shape':(2,)}"
+    header += b" " * (64 - (10 + len(header) + 1) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + np.arange(2, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(unpackb(packb({"__ndarray_class__": True, "as_npy": npy})), [0.0, 1.0])

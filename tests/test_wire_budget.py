@@ -265,3 +265,13 @@ def test_peek_agrees_with_full_decoding(request_map: dict) -> None:
     head = peek_request(message)
     assert head == RequestHead(decoded.get("endpoint", "get_action"), decoded.get("api_token"), "data" in decoded)
     assert peek_request(message, expected_token="tok").api_token == decoded.get("api_token")
+
+
+def test_one_oversized_container_is_refused_before_it_is_built() -> None:
+    budget = DecodeBudget(base_values=100, bytes_per_value=1 << 30)
+    flat = msgpack.packb([None] * 1000)
+    for decode in (lambda m: unpackb(m, budget=budget), lambda m: openpi.unpackb(m, budget=budget)):
+        with pytest.raises(ProtocolError, match="message too complex"):
+            decode(flat)
+    # peek_request skips the payload without building it (msgpack's skip applies no container limits)
+    assert peek_request(packb({"endpoint": "get_action", "data": [None] * 1000}), budget=budget).has_data

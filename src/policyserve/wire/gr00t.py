@@ -575,6 +575,9 @@ def peek_request(
     except msgpack.OutOfData:
         raise ProtocolError("could not decode msgpack message: truncated") from None
     except Exception as exc:  # noqa: BLE001 - hostile input must only ever raise ProtocolError
+        if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            raise ProtocolError(f"message too complex: a {size}-byte message may hold containers of at most "
+                                f"{longest} entries, this one has a larger one") from None
         raise ProtocolError(f"could not decode msgpack message ({type(exc).__name__}: {_clip(str(exc))})") from None
     if unpacker.tell() != size:
         raise ProtocolError(f"could not decode msgpack message: {size - unpacker.tell()} extra bytes after the message")

@@ -113,6 +113,11 @@ def unpackb(data: bytes, *, budget: DecodeBudget = DEFAULT_BUDGET, stats: Decode
         raise
     except msgpack.OutOfData:
         raise ProtocolError("message is not valid msgpack-numpy: truncated") from None
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):
+            raise ProtocolError(f"message too complex: a {size}-byte message may hold containers of at most "
+                                f"{longest} entries, this one has a larger one") from None
+        raise ProtocolError(f"message is not valid msgpack-numpy: ValueError: {_clip(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types for malformed input
         raise ProtocolError(f"message is not valid msgpack-numpy: {type(exc).__name__}: {_clip(str(exc))}") from None
     if stats is not None:
