@@ -133,6 +133,26 @@ def test_merged_rtc_requests_equal_separate_ones(policy: ModelPolicy) -> None:
             np.testing.assert_allclose(outcome[0][key], alone[key], rtol=0, atol=1e-5)
 
 
+def test_per_row_delays_and_prefix_lengths_equal_one_row_requests(policy: ModelPolicy) -> None:
+    """A driver's batch: rows with different committed lengths and delays, and a row without a prefix."""
+    obs = observation(3)
+    prefix = committed(policy, obs, seed=2)
+    batched, _ = policy.get_action(obs, {"seed": 1, "rtc": rtc(prefix, delay=[3, 1, 0], prefix_length=[8, 5, 0])})
+    for row, (delay, length) in enumerate([(3, 8), (1, 5)]):
+        alone, _ = policy.get_action({k: _rows(v, row) for k, v in obs.items()},
+                                     {"seed": 1, "rtc": rtc({k: v[row:row + 1, :length] for k, v in prefix.items()},
+                                                            delay=delay)})
+        for key in alone:
+            np.testing.assert_allclose(batched[key][row:row + 1], alone[key], rtol=0, atol=1e-5)
+    plain, _ = policy.get_action({k: _rows(v, 2) for k, v in obs.items()}, {"seed": 1})
+    for key in plain:
+        np.testing.assert_allclose(batched[key][2:], plain[key], rtol=0, atol=1e-5)
+
+
+def _rows(group: dict, row: int) -> dict:
+    return {k: v[row:row + 1] for k, v in group.items()}
+
+
 def test_a_bad_rtc_request_fails_alone_in_a_merged_batch(policy: ModelPolicy) -> None:
     obs = observation(1)
     good = {"seed": 1, "rtc": rtc(committed(policy, obs, seed=2))}
@@ -156,6 +176,9 @@ BAD_OPTIONS = [
     (lambda p: rtc(p, delay=9),
      "options.rtc['inference_delay']: expected an int from 0 to 8 (at most the prefix length P=8"),
     (lambda p: rtc(p, delay=H + 1), "inference_delay"),
+    (lambda p: rtc(p, delay=[1, 2]), "options.rtc['inference_delay']: expected one int per batch row (1), got 2 values"),
+    (lambda p: rtc(p, delay=4, prefix_length=[3]), "expected at most row 0's prefix_length 3"),
+    (lambda p: rtc(p, prefix_length=[9]), "options.rtc['prefix_length']: expected an int from 0 to 8"),
     (lambda p: rtc(p, delay=-1), "inference_delay"),
     (lambda p: rtc(p, delay=2.0), "inference_delay"),
     (lambda p: rtc(p, horizon=0), "options.rtc['execution_horizon']: expected an int from 1 to 16"),

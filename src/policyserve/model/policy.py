@@ -124,7 +124,7 @@ class ModelPolicy(BasePolicy):
         rows = value if isinstance(value, list) else self.split_row_option(RTC_OPTION, value, batch)
         if len(rows) != batch:
             raise ValidationError("options", RTC_OPTION, f"one value per batch row ({batch})", f"{len(rows)} values")
-        rows = [row if row is None or isinstance(row, RTCRequest) else self._rtc(row, 1) for row in rows]
+        rows = [row if row is None or isinstance(row, RTCRequest) else self._rtc(row, 1).row(0) for row in rows]
         normalizer = self.bundle.normalizer
         cfg = self.bundle.model_config
         return build_guidance(rows, cfg.action_horizon, lambda k, a: normalizer.normalize("action", k, a),

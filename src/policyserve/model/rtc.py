@@ -11,7 +11,10 @@ by the vector-Jacobian product of the weighted error between the prefix and the 
 The served option, per request (``prefix`` in the policy's un-normalized action space)::
 
     options={"rtc": {"prefix": {action_key: (B, P, D)}, "inference_delay": d, "execution_horizon": s,
-                     "max_guidance_weight": 5.0, "schedule": "exp"}}
+                     "max_guidance_weight": 5.0, "schedule": "exp", "prefix_length": [P_0, ...]}}
+
+``inference_delay`` may be one int or one per row; the optional ``prefix_length`` (one int per row,
+0 to P) says how much of each row's zero-padded prefix is committed, 0 meaning "no prefix: sample as usual".
 
 Time convention: the policy's flow runs from t=0 (noise) to t=1 (data), ``x_t = (1 - t) noise + t action``,
 so the predicted final chunk at time t is ``x + (1 - t) v(x, t)``.
@@ -36,22 +39,35 @@ SCHEDULES = ("exp", "linear")
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
 """The paper's beta."""
 _REQUIRED = ("prefix", "inference_delay", "execution_horizon")
-_OPTIONAL = ("max_guidance_weight", "schedule")
+_OPTIONAL = ("max_guidance_weight", "schedule", "prefix_length")
 
 
 @dataclass(frozen=True)
 class RTCRequest:
-    """One request's parsed ``options["rtc"]``; ``prefix`` arrays are (B, P, D) float32, un-normalized."""
+    """One request's parsed ``options["rtc"]``; ``prefix`` arrays are (B, P, D) float32, un-normalized.
+
+    ``inference_delay`` and ``prefix_lengths`` hold one value per row.
+    """
 
     prefix: dict[str, np.ndarray]
-    inference_delay: int
+    inference_delay: list[int]
     execution_horizon: int
     max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT
     schedule: str = "exp"
+    prefix_lengths: list[int] | None = None
+    """Committed steps per row (None: all P)."""
 
     @property
     def prefix_length(self) -> int:
         return int(next(iter(self.prefix.values())).shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(next(iter(self.prefix.values())).shape[0])
+
+    def length(self, row: int) -> int:
+        """Committed prefix steps of ``row``."""
+        return self.prefix_length if self.prefix_lengths is None else self.prefix_lengths[row]
 
     @classmethod
     def parse(cls, value: Any, action_dims: Mapping[str, int], horizon: int, batch: int | None) -> RTCRequest:
@@ -89,8 +105,20 @@ class RTCRequest:
             arrays[key] = array.astype(np.float32, copy=False)
             length = array.shape[1]
         assert length is not None
-        delay = _int(value["inference_delay"], "inference_delay", 0, length,
-                     f"at most the prefix length P={length}: the frozen steps must be committed")
+        rows = next(iter(arrays.values())).shape[0]
+        lengths = value.get("prefix_length")
+        if lengths is not None:
+            lengths = _ints(lengths, "prefix_length", rows, 0, length, f"at most the prefix length P={length}")
+        delays = value["inference_delay"]
+        if isinstance(delays, (list, tuple, np.ndarray)):
+            delays = _ints(delays, "inference_delay", rows, 0, length, "at most the committed prefix length")
+        else:
+            delays = [_int(delays, "inference_delay", 0, length,
+                           f"at most the prefix length P={length}: the frozen steps must be committed")] * rows
+        for row, (delay, committed) in enumerate(zip(delays, lengths or [length] * rows)):
+            if delay > committed:
+                raise ValidationError("options.rtc", "inference_delay", f"at most row {row}'s prefix_length "
+                                      f"{committed} (the frozen steps must be committed)", delay)
         horizon_s = _int(value["execution_horizon"], "execution_horizon", 1, horizon,
                          f"at most the chunk length H={horizon}")
         beta = value.get("max_guidance_weight", DEFAULT_MAX_GUIDANCE_WEIGHT)
@@ -100,16 +128,28 @@ class RTCRequest:
         schedule = value.get("schedule", "exp")
         if schedule not in SCHEDULES:
             raise ValidationError("options.rtc", "schedule", f"one of {list(SCHEDULES)}", repr(schedule))
-        return cls(arrays, delay, horizon_s, float(beta), str(schedule))
+        return cls(arrays, delays, horizon_s, float(beta), str(schedule), lengths)
 
-    def row(self, index: int) -> RTCRequest:
-        """The same request restricted to batch row ``index`` (prefix arrays (1, P, D))."""
-        return RTCRequest({k: v[index : index + 1] for k, v in self.prefix.items()}, self.inference_delay,
-                          self.execution_horizon, self.max_guidance_weight, self.schedule)
+    def row(self, index: int) -> RTCRequest | None:
+        """The same request restricted to batch row ``index`` (prefix arrays (1, L, D), L its committed
+        length); None when that row has no committed prefix."""
+        length = self.length(index)
+        if length == 0:
+            return None
+        return RTCRequest({k: v[index : index + 1, :length] for k, v in self.prefix.items()},
+                          [self.inference_delay[index]], self.execution_horizon, self.max_guidance_weight,
+                          self.schedule)
 
     def weights(self, horizon: int) -> np.ndarray:
-        """This request's soft mask over the ``horizon`` chunk steps, see :func:`soft_mask`."""
-        return soft_mask(horizon, self.inference_delay, self.execution_horizon, self.prefix_length, self.schedule)
+        """The soft mask (H,) of a one-row request, see :func:`soft_mask`."""
+        return soft_mask(horizon, self.inference_delay[0], self.execution_horizon, self.prefix_length, self.schedule)
+
+
+def _ints(values: Any, name: str, rows: int, low: int, high: int, what: str) -> list[int]:
+    values = list(values)
+    if len(values) != rows:
+        raise ValidationError("options.rtc", name, f"one int per batch row ({rows})", f"{len(values)} values")
+    return [_int(v, name, low, high, what) for v in values]
 
 
 def _int(value: Any, name: str, low: int, high: int, what: str) -> int:
