@@ -283,3 +283,90 @@ def test_the_aggregate_reports_arm_and_gripper_apart_and_marks_never_diverged_de
     marked = plot_summary(report, tmp_path / "again.png")
     assert marked == {"never_diverged": [0, 5], "tick_labels": ["0", "5\neval"], "eval_demos": [5]}
     assert Path(files_written["plot"]).stat().st_size > 0
+
+
+# -------------------------------------------------------------------------------------------- reproducible runs
+def _sampling_model():
+    """A real flow-matching model policy (one training step): unseeded, its actions are random draws."""
+    import tempfile
+
+    from policyserve.model.config import TrainConfig
+    from policyserve.model.policy import ModelPolicy
+    from policyserve.model.synthetic import make_episodes
+    from policyserve.model.train import Trainer
+
+    episodes = make_episodes(SPEC.modality_configs, SPEC.dims.state, SPEC.dims.action, n_episodes=2, length=8,
+                             image_hw=(16, 16))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(episodes, SPEC.modality_configs, out, TrainConfig(max_steps=1, batch_size=2, progress=False,
+                                                                            resume=False),
+                          architecture={"image_size": 16, "d_model": 32}, embodiment_tag="franka_panda")
+        return ModelPolicy(trainer.model, trainer.bundle)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One scripted lift demo recorded at 16x16 (kept even if it fails) and its LeRobot dataset."""
+    from policyserve.sim.recorder import record_demos
+
+    root = tmp_path_factory.mktemp("recorded")
+    record_demos("lift", 1, root / "lift.hdf5", camera_size=(16, 16), seed=0, max_episode_steps=20,
+                 keep_failed=True, progress=False)
+    convert_hdf5_to_lerobot(root / "lift.hdf5", root / "dataset", progress=False)
+    return root / "lift.hdf5", root / "dataset"
+
+
+@pytest.mark.sim
+def test_the_same_rollout_command_gives_the_same_per_episode_results(serve, tmp_path: Path, capsys) -> None:
+    from policyserve.cli.main import main as cli_main
+
+    served = serve(_sampling_model())
+
+    def rollout(name: str, *extra: str) -> dict:
+        argv = ["rollout", "--port", str(served.port), "--n-episodes", "2", "--n-envs", "2", "--max-episode-steps",
+                "8", "--camera-size", "16", "--n-action-steps", "4", "--seed", "7", "--quiet", "--report",
+                str(tmp_path / f"{name}.json"), *extra]
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    first, second = rollout("first"), rollout("second")
+    assert first["episodes"] == second["episodes"] and [e["seed"] for e in first["episodes"]] == [7, 8]
+    assert first["config"]["seed"] == 7 and first["config"]["action_options"] == {"seed": 7}  # the seeds it used
+
+
+@pytest.mark.sim
+def test_the_same_compare_command_gives_the_same_traces_and_none_unseeds(recorded, serve, tmp_path: Path,
+                                                                         capsys) -> None:
+    from policyserve.cli.main import main as cli_main
+
+    hdf5, dataset = recorded
+    model, replay = serve(_sampling_model()), serve(make_replay_policy(dataset, 1, embodiment_tag="franka_panda"))
+
+    def compare(name: str, *extra: str) -> dict:
+        argv = ["compare", "--hdf5-path", str(hdf5), "--model-port", str(model.port), "--replay-port",
+                str(replay.port), "--max-steps", "4", "--quiet", "--no-video", "--output", str(tmp_path / name), *extra]
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        return json.loads((tmp_path / name / "comparison.json").read_text())
+
+    first, second = compare("first"), compare("second")
+    assert first["steps"] == second["steps"] and first["config"]["action_options"] == {"seed": 0}
+    assert first["config"]["task"] == "lift" and first["config"]["camera_size"] == [16, 16]  # from env_args
+    unseeded = [compare(f"unseeded{i}", "--policy-seed", "none") for i in range(2)]
+    assert unseeded[0]["config"]["action_options"] is None
+    assert [s["model_action"] for s in unseeded[0]["steps"]] != [s["model_action"] for s in unseeded[1]["steps"]]
+
+
+@pytest.mark.sim
+def test_compare_and_rollout_refuse_a_flag_that_conflicts_with_the_hdf5(recorded, tmp_path: Path, capsys) -> None:
+    from policyserve.cli.main import main as cli_main
+
+    hdf5, _ = recorded
+    out = tmp_path / "out"
+    for argv, conflict in ((["compare", "--task", "stack"], "'stack'"), (["compare", "--camera-size", "84"], "(84, 84)"),
+                           (["rollout", "--task", "stack", "--demo-indices", "0"], "'stack'")):
+        extra = ["--output", str(out)] if argv[0] == "compare" else ["--report", str(out / "r.json")]
+        assert cli_main([*argv, "--hdf5-path", str(hdf5), "--quiet", *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and conflict in lines[0], lines
+        assert f"conflicts with {hdf5}, recorded with" in lines[0] and "(env_args)" in lines[0]
+        assert not out.exists()  # nothing written

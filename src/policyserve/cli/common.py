@@ -59,14 +59,25 @@ def distributed_config_from_args(args: argparse.Namespace, dests: dict[str, str]
 class EvalFlags:
     """The env, key-map, policy-seed and driver flags of ``rollout`` and ``compare``, and their configs.
 
-    ``env`` and ``driver`` are the command's default configs (their values are the flags' defaults).
+    ``env`` and ``driver`` are the command's default configs (their values are the flags' defaults). The task
+    and camera size default to what a recorded-demo file (``--hdf5-path``) records, else to ``env``'s; a flag
+    that conflicts with the file is an error. The policy seed defaults to the run's seed (``--policy-seed none``:
+    unseeded).
     """
 
     ENV_FIELDS = ("task", "camera_size")
     DRIVER_FIELDS = ("n_action_steps", "ensemble_coef", "async_inference", "async_threshold")
 
     def __init__(self, parser: argparse.ArgumentParser, env: Any, driver: Any) -> None:
-        self.env_dests = add_config_flags(parser, env, self.ENV_FIELDS, task=Flag(choices=("lift", "stack")))
+        self.env_defaults = env
+        self.env_dests = add_config_flags(
+            parser, env, self.ENV_FIELDS,
+            task=Flag(choices=("lift", "stack"), default=None,
+                      help=f"+Default: the task --hdf5-path records (an error when it records none); without "
+                           f"--hdf5-path {env.task}."),
+            camera_size=Flag(default=None, help="+Default: the camera size --hdf5-path records, else "
+                                                f"{'x'.join(map(str, env.camera_size))}; a size other than the one "
+                                                "the policy declares gives a warning."))
         self.driver_dests = add_config_flags(parser, driver, self.DRIVER_FIELDS)
         parser.add_argument("--key-map", default=None, metavar="FILE",
                             help="JSON key map {video: {policy_key: env_key}, state: {...}, language: env_key}")
@@ -76,26 +87,57 @@ class EvalFlags:
         parser.add_argument("--timeout-ms", type=int, default=15000, help="policy request timeout (default 15000)")
         add_policy_seed(parser)
 
-    def env_config(self, args: argparse.Namespace) -> Any:
-        """The EnvConfig of the flags."""
-        from ..eval.envs import EnvConfig
+    def env_config(self, args: argparse.Namespace, hdf5_path: str | None = None) -> Any:
+        """The EnvConfig of the flags; with ``hdf5_path`` the task and camera size it records fill the flags not
+        given (:func:`~policyserve.eval.identity.demo_env_settings`)."""
+        from dataclasses import replace
 
-        return EnvConfig(**config_kwargs(args, self.env_dests))
+        values = config_kwargs(args, self.env_dests)
+        task, size = values["task"], values["camera_size"]
+        if hdf5_path:
+            from ..data.demos import DemoFile
+            from ..eval.identity import demo_env_settings
 
-    def driver_config(self, args: argparse.Namespace) -> Any:
-        """The DriverConfig of the flags (key map from ``--key-map``/``--map``, options from ``--policy-seed``)."""
+            task, size = demo_env_settings(DemoFile(hdf5_path), task, size)
+        return replace(self.env_defaults, task=task or self.env_defaults.task,
+                       camera_size=size or self.env_defaults.camera_size)
+
+    def driver_config(self, args: argparse.Namespace, run_seed: int | None) -> Any:
+        """The DriverConfig of the flags (key map from ``--key-map``/``--map``; ``options={'seed': S}`` with S from
+        ``--policy-seed``, by default ``run_seed``)."""
         from ..client.adapter import KeyMap
         from ..client.driver import DriverConfig
 
         base = KeyMap.from_file(args.key_map) if args.key_map else KeyMap()
+        seed = policy_seed(args, run_seed)
         return DriverConfig(**config_kwargs(args, self.driver_dests), key_map=KeyMap.from_pairs(args.map, base),
-                            action_options=None if args.policy_seed is None else {"seed": args.policy_seed})
+                            action_options=None if seed is None else {"seed": seed})
+
+
+RUN_SEED = "run"
+"""``--policy-seed``'s default: the run's seed."""
+
+
+def _seed_or_none(text: str) -> int | str | None:
+    if text.strip().lower() in ("none", RUN_SEED):
+        return None if text.strip().lower() == "none" else RUN_SEED
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
 
 
 def add_policy_seed(parser: argparse.ArgumentParser) -> None:
-    """``--policy-seed S``: ``options={'seed': S}`` sent with every ``get_action``."""
-    parser.add_argument("--policy-seed", type=int, default=None, metavar="S",
-                        help="send options={'seed': S} with every get_action (deterministic model servers)")
+    """``--policy-seed S|run|none``: ``options={'seed': S}`` sent with every ``get_action`` (default: the run's
+    seed)."""
+    parser.add_argument("--policy-seed", type=_seed_or_none, default=RUN_SEED, metavar="S|run|none",
+                        help="send options={'seed': S} with every get_action, so a sampling model server gives the "
+                             "same actions for the same observations (default: the run's seed; none: unseeded)")
+
+
+def policy_seed(args: argparse.Namespace, run_seed: int | None) -> int | None:
+    """The policy seed ``--policy-seed`` asks for (``run_seed`` when not given; None for ``none``)."""
+    return run_seed if args.policy_seed == RUN_SEED else args.policy_seed
 
 
 def add_progress(parser: argparse.ArgumentParser, config: Any) -> dict[str, str]:

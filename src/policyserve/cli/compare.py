@@ -2,9 +2,12 @@
 
 Two envs are restored to the recorded state of demo --demo-index at step --start-step of --hdf5-path;
 env 0 follows the model server (--model-port), env 1 the replay server (--replay-port, reset to
-episode_index=demo index, step_index=start step; any --execution-horizon: the replay reports it in its
-replies). Swapped ports are an error. Writes comparison.json, traces.csv, comparison.png and comparison.mp4
-under --output.
+demo_index=demo index, step_index=start step; any --execution-horizon: the replay reports it in its
+replies). Swapped ports are an error, and so is a replay server that does not serve the dataset converted
+from --hdf5-path (another file, demo, length or first action). The task and camera size come from the HDF5
+file's env_args (a conflicting --task or --camera-size is an error). The model is seeded with --seed unless
+--policy-seed says otherwise (none: unseeded). Writes comparison.json, traces.csv, comparison.png and
+comparison.mp4 under --output.
 
 --all-demos compares every demo of the HDF5 file (outputs per demo under --output/demo_N/) and writes the
 aggregate report aggregate.json, aggregate.csv and the summary plot summary.png under --output; with
@@ -44,6 +47,8 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="host of both servers (default 127.0.0.1)")
     p.add_argument("--model-port", type=int, default=5555, help="the model server's port (default 5555)")
     p.add_argument("--replay-port", type=int, default=5556, help="the replay server's port (default 5556)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the comparison's seed: the model policy gets it as its seed unless --policy-seed (default 0)")
     add_api_token(p)
     flags = EvalFlags(p, defaults.env, defaults.driver)
     dests.update(add_progress(p, defaults))
@@ -56,14 +61,17 @@ def run(args: argparse.Namespace, flags: EvalFlags, dests: dict[str, str], ray: 
     """Run the comparison (or every demo's, with --all-demos) and print its summary."""
     from ..client.connect import connect_policy
     from ..errors import ConfigError
-    from ..eval.compare import ComparisonConfig, check_demo_range, run_comparison
+    from ..data.demos import DemoFile
+    from ..eval.compare import ComparisonConfig, run_comparison
 
     values = config_kwargs(args, dests)
     if args.all_demos and values["demo_index"] is not None:
         raise ConfigError("give either --demo-index or --all-demos, not both")
     values["demo_index"] = values["demo_index"] or 0
     values["output_dir"] = values["output_dir"] or f"outputs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = ComparisonConfig(env=flags.env_config(args), driver=flags.driver_config(args), **values)
+    demos = DemoFile(values["hdf5_path"])
+    config = ComparisonConfig(env=flags.env_config(args, values["hdf5_path"]),
+                              driver=flags.driver_config(args, args.seed), **values)
     dist = distributed_config_from_args(args, ray)
     if dist is not None and not args.all_demos:
         raise ConfigError("--workers runs the comparisons of --all-demos in parallel; add --all-demos")
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace, flags: EvalFlags, dests: dict[str, str], ray: 
         print_aggregate(report)
         return 0
     if not args.all_demos:
-        check_demo_range(config.hdf5_path, config.demo_index, config.start_step)
+        demos.check_step(config.demo_index, config.start_step)
     clients = []
     try:
         for role, port in (("model", args.model_port), ("replay", args.replay_port)):

@@ -10,7 +10,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_progress
+from .common import add_policy_seed, add_progress
 from .flags import Flag, RawDescriptionHelpFormatter, add_config_flags, config_kwargs
 
 
@@ -24,6 +24,7 @@ def register(sub: Any) -> None:
                                              "eval_episodes", "eval_envs", "max_episode_steps", "seed"],
                              task=Flag(choices=("lift", "stack")))
     dests.update(add_progress(p, DemoConfig))
+    add_policy_seed(p)
     p.set_defaults(func=lambda args: run(args, dests),
                    interrupted_note="every server started by the demo has been stopped")
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """Run the demo and print where its outputs are."""
     from .demo_workflow import DemoConfig, print_result, run_demo
 
-    config = DemoConfig(**config_kwargs(args, dests))
+    config = DemoConfig(**config_kwargs(args, dests), policy_seed=args.policy_seed)
     start = time.perf_counter()
     result = run_demo(config)
     print_result(result, time.perf_counter() - start)

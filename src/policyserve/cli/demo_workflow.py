@@ -48,6 +48,9 @@ class DemoConfig:
     """Steps after which a recorded or evaluated episode ends."""
     seed: int = 0
     """Seed of the recording (demo k resets with seed + k) and of the evaluation."""
+    policy_seed: int | str | None = "run"
+    """Seed sent with every model ``get_action`` (``options={'seed': S}``): "run" (default) sends ``seed``,
+    None sends none (unseeded sampling)."""
     train_timeout_s: float = 600.0
     """How long training may take before the demo fails."""
     progress: bool = True
@@ -59,6 +62,8 @@ class DemoConfig:
         for name, least in self.MINIMUM.items():
             if getattr(self, name) < least:
                 raise ConfigError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if self.policy_seed != "run" and self.policy_seed is not None and not isinstance(self.policy_seed, int):
+            raise ConfigError(f"policy_seed must be an integer, 'run' or None, got {self.policy_seed!r}")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class DemoResult:
     comparison: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    seeds: dict[str, Any] = field(default_factory=dict)
+    """The seeds used: recording (demo k: recording + k), evaluation (episode k: evaluation + k), policy."""
 
 
 def model_training_available() -> bool:
@@ -117,6 +124,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     use_model = config.model_steps > 0 and model_training_available()
     result = DemoResult(str(out), "model" if use_model else "scripted")
+    result.seeds = {"recording": config.seed, "evaluation": 1000 + config.seed,
+                    "policy": config.seed if config.policy_seed == "run" else config.policy_seed}
     if config.model_steps > 0 and not use_model:
         _log("model training is not available here (torch or 'policyserve train' missing): serving the scripted expert")
     servers: list[ServerProcess] = []
@@ -167,17 +176,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
         lap("servers")
         _log("5/6 comparison rollout: model (env 0) vs replay (env 1) from demo 0, step 0")
         env = EnvConfig(task=config.task, camera_size=config.camera_size)
+        options = None if result.seeds["policy"] is None else {"seed": result.seeds["policy"]}
         comparison = run_comparison(model_client, replay_client, ComparisonConfig(
-            env=env, driver=DriverConfig(n_action_steps=n_action_steps), hdf5_path=str(hdf5), demo_index=0,
+            env=env, driver=DriverConfig(n_action_steps=n_action_steps, action_options=options), hdf5_path=str(hdf5),
+            demo_index=0,
             start_step=0, output_dir=str(out / "compare"), progress=config.progress))
         result.comparison = comparison.summary()
         result.files.update({f"comparison_{k}": v for k, v in comparison.files.items()})
         lap("compare")
         _log(f"6/6 evaluating the model server: {config.eval_episodes} episodes on {config.eval_envs} envs")
         report = run_rollout(model_client, RolloutConfig(
-            env=env, driver=DriverConfig(n_action_steps=n_action_steps, action_options={"seed": config.seed}),
+            env=env, driver=DriverConfig(n_action_steps=n_action_steps, action_options=options),
             n_episodes=config.eval_episodes, n_envs=config.eval_envs, max_episode_steps=config.max_episode_steps,
-            seed=1000 + config.seed, video_dir=str(out / "rollout" / "videos"), max_videos=2,
+            seed=result.seeds["evaluation"], video_dir=str(out / "rollout" / "videos"), max_videos=2,
             progress=config.progress), report_path=out / "rollout" / "report.json")
         result.evaluation = {"success_rate": report.success_rate, "ci95": list(report.ci95),
                              "mean_return": report.mean_return, "summary": report.summary()}

@@ -2,7 +2,11 @@
 
 Counts exactly --n-episodes episodes (episode k seeded --seed + k, whichever env runs it), executes
 --n-action-steps of each returned chunk, and prints per-episode results, the success rate with a
-Wilson 95% interval and the mean return; --report writes them as JSON, --video-dir as MP4s.
+Wilson 95% interval and the mean return; --report writes them as JSON, --video-dir as MP4s. The policy is
+seeded with --seed unless --policy-seed says otherwise (none: unseeded), so the same command gives the same
+per-episode results. With --hdf5-path, episode k starts from demo --demo-indices[k] (a replay server is
+reset to that demo and checked to serve the dataset converted from the file), and the task and camera size
+come from the file's env_args.
 With --workers K the episodes run on K Ray worker actors (each with --n-envs envs, reaching the policy server
 at --host/--port over the network); results, videos and the report land here, as without workers.
 """
@@ -56,8 +60,9 @@ def run(args: argparse.Namespace, flags: EvalFlags, dests: dict[str, str], ray: 
 
     client = None
     try:
-        config = RolloutConfig(env=flags.env_config(args), driver=flags.driver_config(args),
-                               **config_kwargs(args, dests))
+        values = config_kwargs(args, dests)
+        config = RolloutConfig(env=flags.env_config(args, values["hdf5_path"]),
+                               driver=flags.driver_config(args, values["seed"]), **values)
         dist = distributed_config_from_args(args, ray)
         if dist is not None:
             if args.policy:
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace, flags: EvalFlags, dests: dict[str, str], ray: 
         elif args.policy == "scripted":
             from ..sim.scripted import make_scripted_policy
 
-            report = run_rollout(make_scripted_policy(args.task), config, report_path=args.report)
+            report = run_rollout(make_scripted_policy(config.env.task), config, report_path=args.report)
         else:
             client = connect_policy(args.host, args.port, api_token=args.api_token, timeout_ms=args.timeout_ms)
             report = run_rollout(client, config, report_path=args.report)
