@@ -112,8 +112,7 @@ def main() -> None:
             proc.terminate()
             proc.join(10)
     finally:
-        for env in envs:
-            env.close()
+        envs.close()
 
 
 if __name__ == "__main__":

@@ -195,3 +195,62 @@ def test_readme_loop_with_a_gymnasium_vector_env(serve):
     envs.close()
     assert finished.sum() >= 2 and successes.sum() >= 2
     assert driver.stats.resets >= 2
+
+
+class ArmEcho(BasePolicy):
+    """A two-arm policy (camera, left/right arm state, language) whose action row echoes the state it got:
+    [left_arm[0], right_arm[0], len(instruction)]."""
+
+    def get_modality_config(self):
+        from policyserve.types import ModalityConfig
+
+        return {"video": ModalityConfig([0], ["ego_view"]), "state": ModalityConfig([0], ["left_arm", "right_arm"]),
+                "action": ModalityConfig(list(range(4)), ["arms"]),
+                "language": ModalityConfig([0], ["task_description"])}
+
+    def _get_action(self, observation, options=None):
+        left, right = observation["state"]["left_arm"][:, -1], observation["state"]["right_arm"][:, -1]
+        assert left.shape[1] == 7 and right.shape[1] == 7 and observation["video"]["ego_view"].shape[2:] == (8, 8, 3)
+        text = np.array([len(t[0]) for t in observation["language"]["task_description"]], np.float32)
+        row = np.stack([left[:, 0], right[:, 0], text], axis=-1)
+        return {"arms": np.repeat(row[:, None], 4, axis=1).astype(np.float32)}, {}
+
+
+def test_isaaclab_case_torch_obs_own_keys_no_instruction_over_a_real_server(serve):
+    """The README's IsaacLab case: torch observations with the env's own keys, one joint vector sliced into the
+    policy's two arms, no instruction text in the env: torch actions back, on the observation's device."""
+    torch = pytest.importorskip("torch")
+    from policyserve.client.keymap import KeyMap
+
+    served = serve(ArmEcho())
+    key_map = KeyMap(video={"rgb": "ego_view"}, state={"joint_pos[0:7]": "left_arm", "joint_pos[7:14]": "right_arm"},
+                     instruction="pick the cube")
+    joint_pos = torch.arange(3 * 14, dtype=torch.float32).reshape(3, 14)
+    obs = {"rgb": torch.zeros((3, 8, 8, 3), dtype=torch.uint8), "joint_pos": joint_pos}
+    with PolicyDriver.connect("127.0.0.1", served.port, n_envs=3, config=DriverConfig(n_action_steps=2,
+                                                                                      key_map=key_map)) as driver:
+        assert driver.check(obs, show=False).startswith("key map OK")
+        actions = driver.act(obs)
+    assert isinstance(actions, torch.Tensor) and actions.shape == (3, 3)
+    np.testing.assert_array_equal(actions[:, 0].numpy(), joint_pos[:, 0].numpy())
+    np.testing.assert_array_equal(actions[:, 1].numpy(), joint_pos[:, 7].numpy())
+    assert actions[:, 2].tolist() == [len("pick the cube")] * 3
+
+
+def test_driver_check_prints_a_ready_to_edit_key_map_template(serve, capsys):
+    import json
+
+    from policyserve.client.keymap import KeyMap
+
+    driver = PolicyDriver(serve(ArmEcho()).client, 2)
+    obs = {"rgb": np.zeros((2, 8, 8, 3), np.uint8), "joint_pos": np.zeros((2, 14), np.float32)}
+    text = driver.check(obs)
+    assert text in capsys.readouterr().out
+    assert "all 4 missing" in text and "KeyMap(instruction=" in text
+    template = json.loads(text.split("\n# key map")[1].split("\n", 1)[1].split("\n# env")[0])
+    assert template["state"] == {"?2": "left_arm", "?3": "right_arm"}
+    template["video"] = {"rgb": "ego_view"}
+    template["state"] = {"joint_pos[0:7]": "left_arm", "joint_pos[7:14]": "right_arm"}
+    edited = PolicyDriver(driver.policy, 2, DriverConfig(key_map=KeyMap.from_dict(template)))
+    assert edited.check(obs, show=False).startswith("key map OK")
+    driver.close()

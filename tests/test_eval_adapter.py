@@ -110,17 +110,17 @@ def test_custom_key_map_from_flags_and_file(tmp_path):
     obs = env_obs(7)
     obs["front"] = obs.pop("table_cam")
     obs["pos"] = obs.pop("eef_pos")
-    key_map = KeyMap.from_pairs(["video.ego_view=front", "state.eef_pos=pos"])
+    key_map = KeyMap.from_pairs(["video.front=ego_view", "state.pos=eef_pos"])
     adapter = EnvPolicyAdapter(configs, 1, key_map)
     adapter.push(obs, 0)
     assert adapter.build()["state"]["eef_pos"][0, 0, 0] == 7
     path = tmp_path / "map.json"
-    path.write_text(json.dumps({"video": {"ego_view": "front"}, "state": {"eef_pos": "pos"},
+    path.write_text(json.dumps({"video": {"front": "ego_view"}, "state": {"pos": "eef_pos"},
                                 "instruction": "do it"}))
     adapter = EnvPolicyAdapter(configs, 1, KeyMap.from_file(path))
     adapter.push(obs, 0)
     assert adapter.build()["language"]["annotation.human.action.task_description"] == [["do it"]]
-    with pytest.raises(ConfigError, match="expected video.POLICY=ENV"):
+    with pytest.raises(ConfigError, match="expected video.ENV=POLICY"):
         KeyMap.from_pairs(["ego_view:front"])
     path.write_text(json.dumps({"cameras": {}}))
     with pytest.raises(ConfigError, match="unknown entries"):
@@ -144,3 +144,71 @@ def test_actions_map_back_in_config_order_with_dimension_checks():
         adapter.to_env_actions({"arm": arm, "gripper": np.zeros((2, 16, 2), np.float32)}, 7)
     with pytest.raises(ValidationError, match=r"B=2"):
         adapter.to_env_actions({"arm": arm[:1], "gripper": gripper[:1]}, 7)
+
+
+def two_arm_configs():
+    return {
+        "video": ModalityConfig([0], ["ego_view"]),
+        "state": ModalityConfig([0], ["left_arm", "right_arm"]),
+        "action": ModalityConfig(list(range(4)), ["arms"]),
+        "language": ModalityConfig([0], ["task_description"]),
+    }
+
+
+def test_key_map_slices_an_env_vector_into_policy_state_keys():
+    joint_pos = np.arange(2 * 14, dtype=np.float32).reshape(2, 14)
+    key_map = KeyMap.from_pairs(["video.cam=ego_view", "state.joint_pos[0:7]=left_arm",
+                                 "state.joint_pos[7:14]=right_arm", "instruction=pick the cube"])
+    adapter = EnvPolicyAdapter(two_arm_configs(), 2, key_map)
+    obs = adapter({"cam": np.zeros((2, H, W, 3), np.uint8), "joint_pos": joint_pos})
+    np.testing.assert_array_equal(obs["state"]["left_arm"][:, 0], joint_pos[:, :7])
+    np.testing.assert_array_equal(obs["state"]["right_arm"][:, 0], joint_pos[:, 7:])
+    assert obs["language"]["task_description"] == [["pick the cube"]] * 2
+    assert KeyMap(state={"q[3]": "left_arm"}).source("state", "left_arm").take(np.arange(5)).tolist() == [3]
+    with pytest.raises(ConfigError, match=r"expected KEY, KEY\[START:STOP\]"):
+        KeyMap(state={"q[a:b]": "left_arm"}).resolve(two_arm_configs())
+
+
+def test_unused_key_map_entries_are_all_listed():
+    # written policy -> env (the old direction): every entry feeds no policy key
+    key_map = KeyMap(video={"ego_view": "cam"}, state={"left_arm": "joint_pos", "right_arm": "joint_pos"})
+    with pytest.raises(ConfigError) as info:
+        EnvPolicyAdapter(two_arm_configs(), 1, key_map)
+    text = str(info.value)
+    assert "unused entries" in text
+    for entry in ("video.ego_view -> 'cam'", "state.left_arm -> 'joint_pos'", "state.right_arm -> 'joint_pos'"):
+        assert entry in text
+    with pytest.raises(ConfigError, match=r"fed by 2 env keys \['a', 'b'\]"):
+        KeyMap(state={"a": "left_arm", "b": "left_arm"}).resolve(two_arm_configs())
+
+
+def test_missing_env_keys_are_all_listed_with_the_instruction_hint():
+    adapter = EnvPolicyAdapter(two_arm_configs(), 1, KeyMap(video={"cam": "ego_view"}))
+    with pytest.raises(ValidationError) as info:
+        adapter.push({"cam": np.zeros((H, W, 3), np.uint8)}, 0)
+    text = str(info.value)
+    assert "all 3 missing" in text and "'left_arm'" in text and "'right_arm'" in text and "'task'" in text
+    assert "KeyMap(instruction=" in text
+
+
+def test_language_list_of_the_wrong_length_is_a_clear_error():
+    configs, _ = franka()
+    obs = {k: np.stack([v] * 2) if isinstance(v, np.ndarray) else v for k, v in env_obs().items()}
+    obs["task"] = ["lift the cube"] * 3
+    with pytest.raises(ValidationError, match=r"language\['annotation.human.action.task_description'\].*one str "
+                                              r"per env \(2\).*list of 3"):
+        EnvPolicyAdapter(configs, 2)(obs)
+    obs["task"] = "lift the cube"  # one text for all envs
+    assert EnvPolicyAdapter(configs, 2)(obs)["language"]["annotation.human.action.task_description"] == \
+        [["lift the cube"]] * 2
+
+
+def test_key_map_template_lists_env_keys_and_placeholders():
+    from policyserve.client.keymap import key_map_template
+
+    text = key_map_template({"cam": np.zeros((2, H, W, 3), np.uint8), "joint_pos": np.zeros((2, 14))},
+                            two_arm_configs())
+    body = json.loads(text.split("\n", 1)[1].split("\n# env")[0])
+    assert body == {"video": {"?1": "ego_view"}, "state": {"?2": "left_arm", "?3": "right_arm"},
+                    "instruction": "describe the task here"}
+    assert "joint_pos: shape (2, 14)" in text and "cam: shape (2, 8, 8, 3)" in text

@@ -26,8 +26,9 @@ from policyserve.client.driver import DriverConfig  # noqa: E402
 from policyserve.launch import free_port  # noqa: E402
 from policyserve.eval.compare import ComparisonConfig, run_comparison  # noqa: E402
 from policyserve.eval.compare_all import run_all_comparisons  # noqa: E402
+from policyserve.cluster.pool import DistributedConfig  # noqa: E402
 from policyserve.eval.distributed import (  # noqa: E402
-    DistributedConfig, ServerAddress, run_distributed_comparisons, run_distributed_rollout,
+    ServerAddress, run_distributed_comparisons, run_distributed_rollout,
 )
 from policyserve.eval.envs import EnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402

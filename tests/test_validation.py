@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from policyserve import ConstantPolicy, SimPolicyWrapper, ValidationError
-from policyserve.policies.validation import action_horizon, check_action, check_observation
+from policyserve.policies.validation import check_action, check_observation
 from policyserve.registry import get_embodiment_spec
 from policyserve.types import ModalityConfig
 
@@ -131,7 +131,7 @@ def test_action_checks():
 
 
 def test_action_horizon_uses_first_and_last_delta():
-    assert action_horizon(ModalityConfig([0, 2, 4], ["a"])) == 5
+    assert ModalityConfig([0, 2, 4], ["a"]).span == 5 and ModalityConfig([0, 2, 4], ["a"]).horizon == 3
 
 
 def test_strict_policy_rejects_mismatched_action_batch():

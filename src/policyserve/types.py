@@ -99,8 +99,14 @@ class ModalityConfig:
 
     @property
     def horizon(self) -> int:
-        """Number of time steps the modality spans (``len(delta_indices)``)."""
+        """Number of time steps the modality samples (``len(delta_indices)``): T of an observation array."""
         return len(self.delta_indices)
+
+    @property
+    def span(self) -> int:
+        """Number of steps the modality covers, first to last offset (``delta_indices[-1] - delta_indices[0] + 1``):
+        the chunk length T of an action reply (``[0, 2, 4]`` spans 5 steps)."""
+        return self.delta_indices[-1] - self.delta_indices[0] + 1
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict with enums as their names (GR00T's ``to_json_serializable``)."""

@@ -1,9 +1,10 @@
 """Env <-> policy adapter: env observation dicts to the nested policy format and action dicts back to env vectors.
 
 The policy side is described by its modality config (video, state and language keys with their
-``delta_indices``); the env side by the keys of its observation dict. A :class:`KeyMap` says which env key
-feeds which policy key (default for policyserve's Franka envs: ``table_cam -> ego_view``,
-``wrist_cam -> wrist_view``, state keys by the same name, language from the env's ``task`` text).
+``delta_indices``); the env side by the keys of its observation dict. A :class:`~policyserve.client.keymap.KeyMap`
+says which env key (or slice of an env vector) feeds which policy key, env key -> policy key (default for
+policyserve's Franka envs: ``table_cam -> ego_view``, ``wrist_cam -> wrist_view``, state keys by the same name,
+language from the env's ``task`` text).
 
 History: when a modality's ``delta_indices`` span more than the current step (e.g. ``[-2, -1, 0]``), the
 adapter keeps the last frames of each env and sends real past frames; at the start of an episode, before
@@ -12,24 +13,15 @@ enough frames exist, the earliest frame of the episode is repeated.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, ValidationError
-from ..jsonio import read_json_object
 from ..registry import parse_modality_configs
 from ..types import ModalityConfigs
-
-DEFAULT_VIDEO_MAP: dict[str, str] = {"ego_view": "table_cam", "wrist_view": "wrist_cam"}
-"""Policy video key -> env camera key for policyserve's Franka envs."""
-
-DEFAULT_LANGUAGE_KEY = "task"
-
+from .keymap import KeyMap
 
 def to_numpy(value: Any) -> np.ndarray:
     """A numpy view/copy of ``value`` (numpy array, torch tensor on any device, list or scalar)."""
@@ -40,89 +32,66 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-@dataclass
-class KeyMap:
-    """Which env observation key feeds which policy key.
-
-    ``video`` and ``state`` map policy key -> env key; policy keys not listed use the env key of the same
-    name. ``language`` is the env key holding the instruction text; ``instruction``, when set, overrides it.
-    """
-
-    video: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VIDEO_MAP))
-    state: dict[str, str] = field(default_factory=dict)
-    language: str = DEFAULT_LANGUAGE_KEY
-    instruction: str | None = None
-
-    def env_key(self, modality: str, policy_key: str) -> str:
-        """Env observation key that feeds ``modality``/``policy_key``."""
-        table = {"video": self.video, "state": self.state}[modality]
-        return table.get(policy_key, policy_key)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "key map") -> KeyMap:
-        """Build from ``{"video": {policy: env}, "state": {...}, "language": "task", "instruction": "..."}``."""
-        unknown = set(data) - {"video", "state", "language", "instruction"}
-        if unknown:
-            raise ConfigError(f"{source}: unknown entries {sorted(unknown)}; expected video, state, language, "
-                              "instruction")
-        for group in ("video", "state"):
-            if group in data and not isinstance(data[group], Mapping):
-                raise ConfigError(f"{source}: {group!r} must map policy key -> env key, got {data[group]!r}")
-        base = cls()
-        return cls(
-            video={**base.video, **dict(data.get("video", {}))},
-            state=dict(data.get("state", {})),
-            language=str(data.get("language", DEFAULT_LANGUAGE_KEY)),
-            instruction=data.get("instruction"),
-        )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> KeyMap:
-        """Read a JSON key map file (see :meth:`from_dict`)."""
-        return cls.from_dict(read_json_object(path, "key map"), str(path))
-
-    @classmethod
-    def from_pairs(cls, pairs: Sequence[str], base: KeyMap | None = None) -> KeyMap:
-        """Apply ``video.POLICY=ENV`` / ``state.POLICY=ENV`` / ``language=ENV`` flags on top of ``base``."""
-        result = base or cls()
-        result = cls(dict(result.video), dict(result.state), result.language, result.instruction)
-        for pair in pairs:
-            lhs, sep, rhs = pair.partition("=")
-            group, dot, key = lhs.partition(".")
-            if not sep or not rhs:
-                raise ConfigError(f"key map entry {pair!r}: expected video.POLICY=ENV, state.POLICY=ENV or language=ENV")
-            if group == "language" and not dot:
-                result.language = rhs
-            elif group in ("video", "state") and key:
-                getattr(result, group)[key] = rhs
-            else:
-                raise ConfigError(f"key map entry {pair!r}: expected video.POLICY=ENV, state.POLICY=ENV or language=ENV")
-        return result
+def _describe_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 class HistoryBuffer:
-    """Last frames of one observation key for each env, to serve ``delta_indices`` like ``[-2, -1, 0]``."""
+    """Last frames of one observation key for every env, to serve ``delta_indices`` like ``[-2, -1, 0]``.
+
+    Frames are kept batched, ``(length, n_envs, ...)``: a batched observation is written for many envs at once
+    and :meth:`get_all` gathers every env's frames in one indexing step (no per-env split and re-stack).
+    """
 
     def __init__(self, n_envs: int, delta_indices: Sequence[int]) -> None:
         if any(d > 0 for d in delta_indices):
             raise ConfigError(f"observation delta_indices must be <= 0 (past or current frames), got {list(delta_indices)}")
         self.delta_indices = list(delta_indices)
         self.length = 1 - min(self.delta_indices)
-        self._frames: list[deque[np.ndarray]] = [deque(maxlen=self.length) for _ in range(n_envs)]
+        self.n_envs = n_envs
+        self._frames: np.ndarray | None = None
+        self._newest = np.full(n_envs, -1, dtype=np.int64)
+        self._count = np.zeros(n_envs, dtype=np.int64)
+        """Frames recorded per env since its last clear (at most ``length`` are kept)."""
 
     def push(self, env_id: int, frame: np.ndarray) -> None:
-        self._frames[env_id].append(frame)
+        """Record ``frame`` as env ``env_id``'s newest."""
+        self.push_rows([env_id], frame[None])
+
+    def push_rows(self, env_ids: Sequence[int], rows: np.ndarray) -> None:
+        """Record ``rows[j]`` as env ``env_ids[j]``'s newest frame."""
+        ids = np.asarray(env_ids, dtype=np.int64)
+        if self._frames is None or self._frames.shape[2:] != rows.shape[1:] or self._frames.dtype != rows.dtype:
+            if self._frames is not None and self._count.any():
+                raise ValueError(f"frame shape {rows.shape[1:]} {rows.dtype} differs from the recorded "
+                                 f"{self._frames.shape[2:]} {self._frames.dtype}")
+            self._frames = np.empty((self.length, self.n_envs, *rows.shape[1:]), dtype=rows.dtype)
+        self._newest[ids] = (self._newest[ids] + 1) % self.length
+        self._count[ids] = np.minimum(self._count[ids] + 1, self.length)
+        self._frames[self._newest[ids], ids] = rows
 
     def clear(self, env_id: int) -> None:
-        self._frames[env_id].clear()
+        """Forget env ``env_id``'s frames."""
+        self._count[env_id] = 0
 
     def get(self, env_id: int) -> np.ndarray:
         """Frames at ``delta_indices`` relative to the newest, stacked to (T, ...); early steps repeat the first."""
-        frames = self._frames[env_id]
-        if not frames:
-            raise RuntimeError(f"no observation recorded yet for env {env_id}")
-        newest = len(frames) - 1
-        return np.stack([frames[max(0, newest + d)] for d in self.delta_indices])
+        return self._gather([env_id])[0]
+
+    def get_all(self) -> np.ndarray:
+        """:meth:`get` of every env: (n_envs, T, ...)."""
+        return self._gather(list(range(self.n_envs)))
+
+    def _gather(self, env_ids: list[int]) -> np.ndarray:
+        ids = np.asarray(env_ids, dtype=np.int64)
+        empty = [int(i) for i in ids if self._count[i] == 0]
+        if empty or self._frames is None:
+            raise RuntimeError(f"no observation recorded yet for env {empty[0] if empty else env_ids[0]}")
+        ages = np.minimum(-np.asarray(self.delta_indices)[None, :], self._count[ids][:, None] - 1)
+        slots = (self._newest[ids][:, None] - ages) % self.length
+        return self._frames[slots, ids[:, None]]
 
 
 class EnvPolicyAdapter:
@@ -145,13 +114,11 @@ class EnvPolicyAdapter:
         self.configs: ModalityConfigs = parse_modality_configs(dict(modality_configs), "policy modality config")
         self.n_envs = n_envs
         self.key_map = key_map or KeyMap()
+        self.resolved = self.key_map.resolve(self.configs)
         self.video_keys = list(self.configs["video"].modality_keys)
         self.state_keys = list(self.configs["state"].modality_keys)
         self.action_keys = list(self.configs["action"].modality_keys)
-        language_keys = list(self.configs["language"].modality_keys)
-        if len(language_keys) > 1:
-            raise ConfigError(f"the adapter supports one language key, the policy asks for {language_keys}")
-        self.language_key = language_keys[0] if language_keys else None
+        self.language_key = self.resolved.language_key
         self.language_horizon = self.configs["language"].horizon
         self._history: dict[tuple[str, str], HistoryBuffer] = {}
         for modality in ("video", "state"):
@@ -163,20 +130,11 @@ class EnvPolicyAdapter:
     # ------------------------------------------------------------------ observations
     def required_env_keys(self) -> dict[str, str]:
         """``"<modality>.<policy key>" -> env key`` for every key the policy needs from the env."""
-        needed = {f"{m}.{k}": self.key_map.env_key(m, k) for (m, k) in self._history}
-        if self.language_key is not None and self.key_map.instruction is None:
-            needed[f"language.{self.language_key}"] = self.key_map.language
-        return needed
+        return self.resolved.required_env_keys()
 
     def check_env_observation(self, obs: Mapping[str, Any]) -> None:
-        """Raise :class:`ValidationError` naming the first policy key whose env key is missing from ``obs``."""
-        for target, env_key in self.required_env_keys().items():
-            if env_key not in obs:
-                modality, _, key = target.partition(".")
-                raise ValidationError(
-                    modality, key, f"env observation key {env_key!r} (key map: {env_key} -> {key})",
-                    f"env keys {sorted(obs)}", "missing in the env observation;",
-                )
+        """Raise :class:`ValidationError` listing every policy key whose env key is missing from ``obs``."""
+        self.resolved.check(obs)
 
     def reset(self, env_ids: Sequence[int] | None = None) -> None:
         """Forget the history of ``env_ids`` (all envs when None): they start new episodes."""
@@ -193,36 +151,43 @@ class EnvPolicyAdapter:
         self.check_env_observation(obs)
         ids: Sequence[int] = [env_id] if env_id is not None else range(self.n_envs) if env_ids is None else env_ids
         for (modality, key), buffer in self._history.items():
-            env_key = self.key_map.env_key(modality, key)
-            value = to_numpy(obs[env_key])
+            source = self.resolved.sources[(modality, key)]
+            env_key = source.text
+            value = to_numpy(obs[source.key])
             if env_id is None and (value.ndim == 0 or value.shape[0] != self.n_envs):
                 raise ValidationError(modality, key, f"batched env value with leading axis {self.n_envs} "
                                       f"(from env key {env_key!r})", f"shape {value.shape}")
-            for i in ids:
-                frame = value if env_id is not None else value[i]
-                buffer.push(i, self._cast(modality, key, env_key, frame))
+            rows = source.take(value[None] if env_id is not None else value[np.asarray(ids, dtype=np.int64)])
+            buffer.push_rows(ids, self._cast(modality, key, env_key, rows))
         if self.language_key is not None:
             for i in ids:
                 self._text[i] = self._instruction(obs, None if env_id is not None else i)
 
-    def _cast(self, modality: str, key: str, env_key: str, frame: np.ndarray) -> np.ndarray:
+    def _cast(self, modality: str, key: str, env_key: str, rows: np.ndarray) -> np.ndarray:
+        """Frames ``rows`` (one per env) as the policy wants them: uint8 images, float32 state vectors."""
         if modality == "video":
-            if frame.ndim != 3 or frame.shape[-1] != 3:
+            if rows.ndim != 4 or rows.shape[-1] != 3:
                 raise ValidationError(modality, key, f"an (H, W, 3) image from env key {env_key!r}",
-                                      f"shape {frame.shape}")
-            if frame.dtype != np.uint8:
-                frame = np.clip(frame * 255.0 if np.issubdtype(frame.dtype, np.floating) and frame.max() <= 1.0
-                                else frame, 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(frame)
-        if frame.ndim > 1:
-            raise ValidationError(modality, key, f"a 1-D state vector from env key {env_key!r}", f"shape {frame.shape}")
-        return np.asarray(frame, dtype=np.float32).reshape(-1).copy()
+                                      f"shape {rows.shape[1:]}")
+            if rows.dtype != np.uint8:
+                if np.issubdtype(rows.dtype, np.floating):  # images in [0, 1] are scaled, frame by frame
+                    unit = rows.reshape(len(rows), -1).max(axis=1, initial=-np.inf) <= 1.0
+                    rows = np.where(unit[:, None, None, None], rows * 255.0, rows)
+                rows = np.clip(rows, 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(rows)
+        if rows.ndim > 2:
+            raise ValidationError(modality, key, f"a 1-D state vector from env key {env_key!r}",
+                                  f"shape {rows.shape[1:]}")
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
 
     def _instruction(self, obs: Mapping[str, Any], index: int | None) -> str:
         if self.key_map.instruction is not None:
             return self.key_map.instruction
         text = obs[self.key_map.language]
-        if index is not None and not isinstance(text, str):
+        if index is not None and not isinstance(text, (str, bytes)):
+            if not isinstance(text, (list, tuple)) or len(text) != self.n_envs:
+                raise ValidationError("language", self.language_key, f"one str per env ({self.n_envs}) or one str "
+                                      f"for all from env key {self.key_map.language!r}", _describe_text(text))
             text = text[index]
         if isinstance(text, bytes):
             text = text.decode()
@@ -235,7 +200,7 @@ class EnvPolicyAdapter:
         """The nested observation ``{video: (B,T,H,W,3) uint8, state: (B,T,D) float32, language: [[str]]*B}``."""
         observation: dict[str, Any] = {"video": {}, "state": {}, "language": {}}
         for (modality, key), buffer in self._history.items():
-            observation[modality][key] = np.stack([buffer.get(i) for i in range(self.n_envs)])
+            observation[modality][key] = buffer.get_all()
         if self.language_key is not None:
             observation["language"][self.language_key] = [[t] * self.language_horizon for t in self._text]
         return observation

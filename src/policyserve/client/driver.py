@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ValidationError
 from ..policies.base import BasePolicy
-from .adapter import EnvPolicyAdapter, KeyMap
+from .adapter import EnvPolicyAdapter
 from .chunking import ActionChunker, ChunkingConfig
 from .connect import connect_policy
+from .keymap import KeyMap, key_map_template
 
 
 @dataclass
@@ -50,6 +51,7 @@ class DriverConfig:
     ensemble_coef: float | None = None
     """Temporal ensembling of overlapping chunks with weights ``exp(-coef * i)``; None executes the newest chunk."""
     key_map: KeyMap = field(default_factory=KeyMap)
+    """Env key -> policy key (:class:`~policyserve.client.keymap.KeyMap`); :meth:`PolicyDriver.check` drafts one."""
     action_options: dict[str, Any] | None = None
     """Options sent with every ``get_action`` (e.g. ``{"seed": 0}`` for a deterministic model server)."""
     async_inference: bool = False
@@ -129,6 +131,18 @@ class PolicyDriver:
         except BaseException:
             client.close()
             raise
+
+    def check(self, observation: Mapping[str, Any], *, show: bool = True) -> str:
+        """Check the key map against an env ``observation``; returns (and with ``show`` prints) "key map OK" or
+        the problems and a ready-to-edit key-map template listing the env's keys."""
+        try:
+            self.adapter.check_env_observation(observation)
+            text = "key map OK: " + ", ".join(f"{t} <- {e}" for t, e in self.adapter.required_env_keys().items())
+        except ValidationError as exc:
+            text = f"{exc}\n" + key_map_template(observation, self.adapter.configs, self.config.key_map)
+        if show:
+            print(text)
+        return text
 
     # ------------------------------------------------------------------ episodes
     def reset(self, env_ids: Sequence[int] | np.ndarray | None = None, options: Mapping[str, Any] | None = None) -> None:

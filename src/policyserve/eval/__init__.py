@@ -7,7 +7,7 @@ from .compare import (
 from .compare_all import AggregateComparison, DemoSummary, run_all_comparisons
 from .distributed import DistributedConfig, DistributedError, ServerAddress, run_distributed_comparisons, \
     run_distributed_rollout
-from .envs import EnvConfig, batch_observations, make_envs
+from .envs import EnvConfig, make_envs
 from .frames import compose_frame
 from .rollout import (
     EpisodeResult, RolloutConfig, RolloutReport, RolloutRunner, config_dict, run_rollout, wilson_interval,
@@ -17,6 +17,6 @@ __all__ = [
     "AggregateComparison", "DemoSummary", "DistributedConfig", "DistributedError", "RolloutRunner", "ServerAddress",
     "run_all_comparisons", "run_distributed_comparisons", "run_distributed_rollout",
     "ComparisonConfig", "ComparisonResult", "EnvConfig", "EpisodeResult", "ModalityMismatchError", "PolicyRoleError",
-    "RolloutConfig", "RolloutReport", "batch_observations", "check_demo_range", "compose_frame", "config_dict",
+    "RolloutConfig", "RolloutReport", "check_demo_range", "compose_frame", "config_dict",
     "make_envs", "run_comparison", "run_rollout", "wilson_interval",
 ]

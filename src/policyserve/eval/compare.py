@@ -27,7 +27,8 @@ from ..client.driver import DriverConfig, PolicyDriver
 from ..data.video import VideoWriter
 from ..errors import ConfigError, ValidationError
 from ..policies.base import BasePolicy
-from .envs import EnvConfig, batch_observations, make_envs
+from ..sim.vector import EnvBatch
+from .envs import EnvConfig, make_envs
 from .frames import compose_frame
 from .rollout import config_dict
 
@@ -161,29 +162,36 @@ def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) ->
 
 
 class _Side:
-    """One policy driving one env through a driver; the env's latest observation and success."""
+    """One policy driving env ``env_id`` of the comparison's two envs through a driver; the env's success."""
 
-    def __init__(self, name: str, policy: BasePolicy, env: Any, driver_config: DriverConfig) -> None:
-        self.name, self.policy, self.env = name, policy, env
+    def __init__(self, name: str, policy: BasePolicy, envs: EnvBatch, env_id: int,
+                 driver_config: DriverConfig) -> None:
+        self.name, self.policy, self.envs, self.env_id = name, policy, envs, env_id
         try:
-            self.driver = PolicyDriver(policy, 1, driver_config, action_dim=int(env.action_space.shape[0]))
+            self.driver = PolicyDriver(policy, 1, driver_config,
+                                       action_dim=int(envs.envs[env_id].action_space.shape[0]))
         except ConfigError as exc:
             raise ModalityMismatchError(f"{name} server's modality config is not usable: {exc}") from exc
-        self.keys = list(dict.fromkeys(self.driver.adapter.required_env_keys().values()))
-        self.obs: dict[str, Any] = {}
+        self.keys = self.driver.adapter.resolved.env_keys()
         self.success = False
 
-    def start(self, obs: dict[str, Any], success: bool, reset_options: dict[str, Any]) -> None:
-        self.obs, self.success = obs, success
+    @property
+    def obs(self) -> dict[str, Any]:
+        """The env's latest observation."""
+        return self.envs.last[self.env_id]
+
+    def start(self, state: dict[str, Any], reset_options: dict[str, Any]) -> None:
+        """Restore the env to ``state`` and reset the policy with ``reset_options`` before its first action."""
+        self.success = bool(self.envs.reset(self.env_id, state=state).get("success", False))
         try:
-            self.driver.adapter.check_env_observation(obs)
+            self.driver.adapter.check_env_observation(self.obs)
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's modality config does not match the env: {exc}") from exc
         self.driver.reset([0], reset_options)
 
     def next_action(self) -> np.ndarray:
         try:
-            return self.driver.act(batch_observations([self.obs], self.keys))[0]
+            return self.driver.act(self.envs.observation(self.keys, [self.env_id]))[0]
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's actions do not match the env: {exc}") from exc
 
@@ -197,7 +205,7 @@ class _Side:
         return str(getattr(self.policy, "address", type(self.policy).__name__))
 
     def step(self, action: np.ndarray) -> None:
-        self.obs, _, _, _, info = self.env.step(action)
+        _, _, _, info = self.envs.step(self.env_id, action)
         self.success = bool(info.get("success", False))
 
     def close(self) -> None:
@@ -232,22 +240,22 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
     video_keys = [k for policy in (model, replay) for k in policy.get_modality_config()["video"].modality_keys]
     own_envs = envs is None
     if envs is None:
-        built = make_envs(config.env, 2, video_keys=video_keys, key_map=config.driver.key_map,
+        batch = make_envs(config.env, 2, video_keys=video_keys, key_map=config.driver.key_map,
                           videos=config.video and bool(config.output_dir), max_episode_steps=max_steps + 1,
                           terminate_on_success=False)
-        envs = (built[0], built[1])
+    else:
+        batch = EnvBatch(list(envs))
     started = time.perf_counter()
     writer: VideoWriter | None = None
     out = Path(config.output_dir) if config.output_dir else None
     sides: list[_Side] = []
     try:
-        sides.append(_Side("model", model, envs[0], config.driver))
-        sides.append(_Side("replay", replay, envs[1], replay_config))
+        sides.append(_Side("model", model, batch, 0, config.driver))
+        sides.append(_Side("replay", replay, batch, 1, replay_config))
         state = load_demo_state(config.hdf5_path, config.demo_index, config.start_step)
         reset_options = {"demo_index": config.demo_index, "step_index": config.start_step}
         for side in sides:
-            obs, info = side.env.reset(options={"state": state})
-            side.start(obs, bool(info.get("success", False)), reset_options)
+            side.start(state, reset_options)
         first_obs_diff = observation_diff(sides[0].obs,
                                           load_demo_obs(config.hdf5_path, config.demo_index, config.start_step))
         if out is not None and config.video:
@@ -281,8 +289,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         for side in sides:
             side.close()
         if own_envs:
-            for env in envs:
-                env.close()
+            batch.close()
     result = ComparisonResult(
         records, list(dims), dims,
         _first([r.eef_distance for r in records], config.eef_threshold),

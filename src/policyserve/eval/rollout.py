@@ -1,7 +1,8 @@
 """Closed-loop evaluation of a policy (local or behind a server) in the Franka envs.
 
-``run_rollout(policy, RolloutConfig(...)) -> RolloutReport``. ``n_envs`` envs are stepped together in this
-process by one :class:`~policyserve.client.driver.PolicyDriver` (batched queries, per-env action queues,
+``run_rollout(policy, RolloutConfig(...)) -> RolloutReport``. ``n_envs`` envs (one
+:class:`~policyserve.sim.vector.EnvBatch`, whose batched observation goes to the driver as is) are stepped
+together in this process by one :class:`~policyserve.client.driver.PolicyDriver` (batched queries, per-env action queues,
 optional temporal ensembling or async inference). Episode ``k`` (0-based) is seeded ``seed + k`` (or starts
 from demo ``demo_indices[k]``'s recorded initial state), whichever env runs it, and episodes are handed to
 envs as they free up until exactly ``n_episodes`` have run. An env that finishes is reset at once and the
@@ -29,7 +30,8 @@ from ..client.driver import DriverConfig, PolicyDriver
 from ..data.video import VideoWriter
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
-from .envs import EnvConfig, batch_observations, make_envs
+from ..sim.vector import EnvBatch
+from .envs import EnvConfig, make_envs
 from .frames import compose_frame
 
 
@@ -173,7 +175,6 @@ class _Slot:
     """The episode an env is running."""
 
     result: EpisodeResult
-    obs: dict[str, Any]
     writer: VideoWriter | None = None
     text: str = ""
 
@@ -188,19 +189,20 @@ def print_progress(bar: Any, result: EpisodeResult, done: Sequence[EpisodeResult
 
 
 class RolloutRunner:
-    """The envs of one rollout process, the driver stepping them, and the episode each env runs.
+    """The envs of one rollout process (an :class:`~policyserve.sim.vector.EnvBatch`), the driver stepping them,
+    and the episode each env runs. Each step, the batch stacks the busy envs' observations once and the driver
+    answers one batched query.
 
     Episodes are run by index (``run`` or ``advance``): episode ``k`` starts from the state built for ``k``
     alone, so any runner (in this process or a distributed worker) gives the same result for it.
     """
 
-    def __init__(self, driver: PolicyDriver, config: RolloutConfig, envs: Sequence[Any],
+    def __init__(self, driver: PolicyDriver, config: RolloutConfig, envs: EnvBatch,
                  template: Any | None = None) -> None:
-        self.driver, self.config, self.envs, self.template = driver, config, list(envs), template
-        self.n_envs = len(self.envs)
-        self.keys = list(dict.fromkeys(driver.adapter.required_env_keys().values()))
+        self.driver, self.config, self.envs, self.template = driver, config, envs, template
+        self.n_envs = envs.num_envs
+        self.keys = driver.adapter.resolved.env_keys()
         self.slots: list[_Slot | None] = [None] * self.n_envs
-        self.last_obs: list[dict[str, Any]] = [{} for _ in range(self.n_envs)]
         self.results: list[EpisodeResult] = []
         self.queue: deque[int] = deque()
         self.env_time = 0.0
@@ -214,7 +216,7 @@ class RolloutRunner:
             self.slots[env_id] = None
             return
         k = self.queue.popleft()
-        env = self.envs[env_id]
+        env = self.envs.envs[env_id]
         seed = cfg.seed + k
         demo = None
         t0 = time.perf_counter()
@@ -222,28 +224,29 @@ class RolloutRunner:
             from ..sim.recorder import load_demo_state
 
             demo = cfg.demo_indices[k % len(cfg.demo_indices)]
-            obs, info = env.reset(seed=seed, options={"state": load_demo_state(cfg.hdf5_path, demo, 0)})
+            info = self.envs.reset(env_id, seed=seed, state=load_demo_state(cfg.hdf5_path, demo, 0))
             self.driver.reset([env_id], {"episode_index": demo, "step_index": 0})
         else:
             if self.template is not None:
                 self.template.reset(seed=seed)
-                obs, info = env.reset(seed=seed, options={"state": self.template.get_state()})
+                info = self.envs.reset(env_id, seed=seed, state=self.template.get_state())
             else:
-                obs, info = env.reset(seed=seed)
+                info = self.envs.reset(env_id, seed=seed)
             self.driver.reset([env_id])
         self.env_time += time.perf_counter() - t0
         result = EpisodeResult(k, seed, bool(info.get("success", False)), 0, 0.0, env_id, demo)
-        slot = _Slot(result, obs, text=str(getattr(env.unwrapped, "task_description", obs.get("task", ""))))
+        obs = self.envs.last[env_id]
+        slot = _Slot(result, text=str(getattr(env.unwrapped, "task_description", obs.get("task", ""))))
         if cfg.video_dir and (cfg.max_videos is None or k < cfg.max_videos):
             slot.writer = VideoWriter(Path(cfg.video_dir) / f"episode_{k:03d}.mp4", fps=cfg.fps)
         self.slots[env_id] = slot
-        self.last_obs[env_id] = obs
-        self._record_frame(slot)
+        self._record_frame(env_id, slot)
 
-    def _record_frame(self, slot: _Slot) -> None:
+    def _record_frame(self, env_id: int, slot: _Slot) -> None:
         if slot.writer is None:
             return
-        images = [slot.obs[c] for c in self.config.env.camera_names if c in slot.obs]
+        obs = self.envs.last[env_id]
+        images = [obs[c] for c in self.config.env.camera_names if c in obs]
         if images:
             r = slot.result
             slot.writer.write(compose_frame(images, [slot.text, f"ep {r.episode} step {r.steps} "
@@ -267,16 +270,14 @@ class RolloutRunner:
         slot = self.slots[env_id]
         assert slot is not None
         t0 = time.perf_counter()
-        obs, reward, terminated, truncated, info = self.envs[env_id].step(action)
+        reward, terminated, truncated, info = self.envs.step(env_id, action)
         self.env_time += time.perf_counter() - t0
         self.env_steps += 1
         r = slot.result
         r.steps += 1
         r.reward += float(reward)
         r.success = r.success or bool(info.get("success", False))
-        slot.obs = obs
-        self.last_obs[env_id] = obs
-        self._record_frame(slot)
+        self._record_frame(env_id, slot)
         if terminated or truncated or r.steps >= self.config.max_episode_steps:
             self.finish_episode(env_id)
 
@@ -291,7 +292,7 @@ class RolloutRunner:
         active = [s is not None for s in self.slots]
         if not any(active):
             return False
-        actions = self.driver.act(batch_observations(self.last_obs, self.keys), active)
+        actions = self.driver.act(self.envs.observation(self.keys), active)
         for env_id in np.flatnonzero(active):
             self.step_env(int(env_id), actions[env_id])
         return True
@@ -342,20 +343,20 @@ def rollout_timing(wall: float, stats: dict[str, float]) -> dict[str, float]:
 
 
 @contextmanager
-def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *, envs: Sequence[Any] | None = None,
-                owns_policy: bool = False) -> Iterator[RolloutRunner]:
+def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *,
+                envs: Sequence[Any] | EnvBatch | None = None, owns_policy: bool = False) -> Iterator[RolloutRunner]:
     """A :class:`RolloutRunner` over ``n_envs`` envs built from ``config`` (or the given ``envs``); closes the
     envs it built and the driver (and the policy with ``owns_policy``) on exit."""
     driver = PolicyDriver(policy, n_envs, config.driver, owns_policy=owns_policy)
     own_envs: list[Any] = []
     try:
         if envs is None:
-            env_list = make_envs(config.env, n_envs, video_keys=driver.adapter.video_keys,
-                                 key_map=config.driver.key_map, videos=bool(config.video_dir),
-                                 max_episode_steps=config.max_episode_steps)
-            own_envs += env_list
+            batch = make_envs(config.env, n_envs, video_keys=driver.adapter.video_keys,
+                              key_map=config.driver.key_map, videos=bool(config.video_dir),
+                              max_episode_steps=config.max_episode_steps)
+            own_envs += batch.envs
         else:
-            env_list = list(envs)[:n_envs]
+            batch = EnvBatch((envs.envs if isinstance(envs, EnvBatch) else list(envs))[:n_envs])
         template = None
         if own_envs and config.shared_initial_states and not config.demo_indices:
             from ..sim.envs import make_env
@@ -365,8 +366,8 @@ def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *, envs:
             # Built now, from ``seed``: the objects it draws at build time then do not depend on which episode
             # this process happens to run first.
             template.reset(seed=config.seed)
-        driver.action_dim = int(env_list[0].action_space.shape[0])
-        runner = RolloutRunner(driver, config, env_list, template)
+        driver.action_dim = int(batch.single_action_space.shape[0])
+        runner = RolloutRunner(driver, config, batch, template)
         try:
             yield runner
         finally:
@@ -382,7 +383,7 @@ def run_rollout(policy: BasePolicy, config: RolloutConfig, *, envs: Sequence[Any
     """Evaluate ``policy`` for exactly ``config.n_episodes`` episodes; optionally write the JSON report.
 
     ``policy`` is any :class:`BasePolicy`: a :class:`~policyserve.client.policy_client.PolicyClient` or a local
-    policy. ``envs`` (a list of Franka envs) overrides the ones built from ``config`` (at most
+    policy. ``envs`` (Franka envs: a list or an :class:`~policyserve.sim.vector.EnvBatch`) overrides the ones built from ``config`` (at most
     ``n_episodes`` of them are used); envs passed in are not closed. To run the episodes on a Ray cluster,
     see :func:`policyserve.eval.distributed.run_distributed_rollout`.
     """

@@ -78,8 +78,6 @@ class ModelConfig:
         **architecture: Any,
     ) -> ModelConfig:
         """Layout from modality configs plus per-key dims (e.g. read from the data)."""
-        from ..policies.validation import action_horizon
-
         video = configs.get("video")
         state = configs.get("state")
         missing_state = [k for k in (state.modality_keys if state else []) if k not in state_dims]
@@ -92,7 +90,7 @@ class ModelConfig:
             action_dims={k: int(action_dims[k]) for k in configs["action"].modality_keys},
             video_horizon=video.horizon if video else 1,
             state_horizon=state.horizon if state else 1,
-            action_horizon=action_horizon(configs["action"]),
+            action_horizon=configs["action"].span,
             **architecture,
         )
 

@@ -6,7 +6,6 @@ import numpy as np
 
 from ..types import ModalityConfigs, ModalityDims
 from .base import Action, BasePolicy, Info, Observation
-from .validation import action_horizon
 
 
 class ConstantPolicy(BasePolicy):
@@ -46,7 +45,7 @@ class ConstantPolicy(BasePolicy):
         from .batching import batch_size_of
 
         batch = batch_size_of(observation) if observation else int((options or {}).get("batch_size", 1))
-        horizon = action_horizon(self.modality_configs["action"])
+        horizon = self.modality_configs["action"].span
         action = {}
         for key in self.modality_configs["action"].modality_keys:
             shape = (batch, horizon, self.dims.action.get(key, self.default_dim))

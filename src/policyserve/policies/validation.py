@@ -14,8 +14,8 @@ OBSERVATION_MODALITIES = ("video", "state", "language")
 
 
 def action_horizon(config: ModalityConfig) -> int:
-    """Chunk length an action config asks for: ``delta_indices[-1] - delta_indices[0] + 1``."""
-    return config.delta_indices[-1] - config.delta_indices[0] + 1
+    """Chunk length an action config asks for; kept for older callers: use :attr:`ModalityConfig.span`."""
+    return config.span
 
 
 def _describe(value: Any) -> str:
@@ -123,7 +123,7 @@ def check_action(
     if not isinstance(action, Mapping):
         raise ValidationError("action", None, "a dict of key -> float32 (B, T, D) array", _describe(action))
     batch = _BatchTracker(batch_size)
-    horizon = action_horizon(config)
+    horizon = config.span
     for key in config.modality_keys:
         value = _get_key(action, "action", key)
         arr = _check_array("action", key, value, np.float32, 3, "(B, T, D)", horizon, batch)

@@ -35,8 +35,9 @@ from .scripted import ScriptedExpert
 
 
 @dataclass
-class Episode:
-    """One rolled-out episode, step-aligned (each entry is taken before its action)."""
+class RecordedEpisode:
+    """One expert episode being recorded, step-aligned (each entry is taken before its action); written to
+    HDF5 by :func:`write_episode` (the LeRobot reader's episode is :class:`policyserve.data.lerobot.Episode`)."""
 
     seed: int
     initial_joint: np.ndarray
@@ -53,12 +54,12 @@ class Episode:
         return len(self.actions)
 
 
-def run_expert_episode(env: Any, expert: ScriptedExpert, seed: int) -> Episode:
+def run_expert_episode(env: Any, expert: ScriptedExpert, seed: int) -> RecordedEpisode:
     """Roll ``expert`` in ``env`` from ``reset(seed=seed)`` until the episode ends."""
     obs, info = env.reset(seed=seed)
     start = env.unwrapped.get_state()
     expert.reset()
-    episode = Episode(seed, start["initial_joint"], start["model_file"])
+    episode = RecordedEpisode(seed, start["initial_joint"], start["model_file"])
     done = False
     while not done:
         state = env.unwrapped.get_state()
@@ -77,7 +78,7 @@ def run_expert_episode(env: Any, expert: ScriptedExpert, seed: int) -> Episode:
     return episode
 
 
-def write_episode(group: Any, episode: Episode) -> None:
+def write_episode(group: Any, episode: RecordedEpisode) -> None:
     """Write ``episode`` into an (empty) h5py group ``data/demo_N``."""
     n = len(episode)
     group.attrs["num_samples"] = n

@@ -1,4 +1,10 @@
-"""Vectorised Franka envs: 1..N sub-envs in-process or in worker processes, without the fork/GL hang."""
+"""Vectorised Franka envs.
+
+:func:`make_vec_env`: a gymnasium VectorEnv of 1..N sub-envs in-process or in worker processes, without the
+fork/GL hang (for your own loops, as in the README). :class:`EnvBatch`: the evaluation's in-process batch, where
+each env runs its own episode and only the envs named step or reset (so an exact episode count never steps an
+env past its last episode), with per-env state restore and one stacked observation for the driver.
+"""
 
 from __future__ import annotations
 
@@ -86,3 +92,59 @@ def restore_states(vec_env: gym.vector.VectorEnv, states: Mapping[int, dict[str,
     mask = np.zeros(vec_env.num_envs, dtype=bool)
     mask[list(states)] = True
     return vec_env.reset(options={"reset_mask": mask, "states": dict(states)})
+
+
+class EnvBatch:
+    """``envs`` stepped together in this process, each on its own episode: the evaluation's vector env.
+
+    Unlike a gymnasium VectorEnv, only the envs named in :meth:`step` or :meth:`reset` move (an env that ran out
+    of episodes stays where it is, so an exact episode count never steps an extra episode), and each env is
+    reset on its own, from a seed or a saved state (``reset(i, state=...)``, as :func:`restore_states`).
+    :meth:`observation` stacks the envs' latest observations env-first (texts as a list): the one place a
+    rollout's observations are batched.
+    """
+
+    def __init__(self, envs: list[gym.Env]) -> None:
+        if not envs:
+            raise ValueError("an EnvBatch needs at least one env")
+        self.envs = list(envs)
+        self.num_envs = len(self.envs)
+        self.single_action_space = self.envs[0].action_space
+        self.last: list[dict[str, Any]] = [{} for _ in self.envs]
+        """Each env's latest observation."""
+
+    def reset(self, env_id: int, *, seed: int | None = None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start a new episode in env ``env_id`` (from ``seed``, or exactly at ``state``); returns its info."""
+        obs, info = self.envs[env_id].reset(seed=seed, options=None if state is None else {"state": state})
+        self.last[env_id] = obs
+        return info
+
+    def step(self, env_id: int, action: np.ndarray) -> tuple[float, bool, bool, dict[str, Any]]:
+        """Step env ``env_id``; returns (reward, terminated, truncated, info), its observation in :attr:`last`."""
+        obs, reward, terminated, truncated, info = self.envs[env_id].step(action)
+        self.last[env_id] = obs
+        return float(reward), bool(terminated), bool(truncated), info
+
+    def observation(self, keys: list[str], env_ids: list[int] | None = None) -> dict[str, Any]:
+        """The latest observations of ``env_ids`` (all envs by default) as one dict of ``keys``: arrays stacked
+        env-first, texts listed. Keys some env lacks are left out (the driver names the missing key)."""
+        observations = [self.last[i] for i in (range(self.num_envs) if env_ids is None else env_ids)]
+        batched: dict[str, Any] = {}
+        for key in keys:
+            values = [obs[key] for obs in observations if key in obs]
+            if len(values) != len(observations):
+                continue
+            batched[key] = list(values) if isinstance(values[0], (str, bytes)) else np.stack(values)
+        return batched
+
+    def close(self) -> None:
+        """Close every env."""
+        for env in self.envs:
+            env.close()
+
+
+def make_env_batch(task: str, n_envs: int, **env_kwargs: Any) -> EnvBatch:
+    """``n_envs`` Franka ``task`` envs as an :class:`EnvBatch` (``env_kwargs`` go to :func:`~policyserve.sim.make_env`)."""
+    if n_envs < 1:
+        raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    return EnvBatch([_make_indexed_env(task, i, env_kwargs) for i in range(n_envs)])
