@@ -167,6 +167,8 @@ def test_key_map_slices_an_env_vector_into_policy_state_keys():
     assert KeyMap(state={"q[3]": "left_arm"}).source("state", "left_arm").take(np.arange(5)).tolist() == [3]
     with pytest.raises(ConfigError, match=r"expected KEY, KEY\[START:STOP\]"):
         KeyMap(state={"q[a:b]": "left_arm"}).resolve(two_arm_configs())
+    with pytest.raises(ConfigError, match=r"video.cam\[0:2\] -> 'ego_view': only state env keys can be sliced"):
+        KeyMap(video={"cam[0:2]": "ego_view"}).resolve(two_arm_configs())
 
 
 def test_unused_key_map_entries_are_all_listed():
@@ -175,7 +177,7 @@ def test_unused_key_map_entries_are_all_listed():
     with pytest.raises(ConfigError) as info:
         EnvPolicyAdapter(two_arm_configs(), 1, key_map)
     text = str(info.value)
-    assert "unused entries" in text
+    assert "unused or invalid entries" in text
     for entry in ("video.ego_view -> 'cam'", "state.left_arm -> 'joint_pos'", "state.right_arm -> 'joint_pos'"):
         assert entry in text
     with pytest.raises(ConfigError, match=r"fed by 2 env keys \['a', 'b'\]"):

@@ -114,7 +114,8 @@ class KeyMap:
             policy_keys = list(configs[group].modality_keys) if group in configs else []
             fed: dict[str, list[str]] = {}
             for env, target in getattr(self, group).items():
-                EnvSource.parse(env)
+                if group == "video" and EnvSource.parse(env).index is not None:
+                    problems.append(f"video.{env} -> {target!r}: only state env keys can be sliced")
                 if target not in policy_keys:
                     problems.append(f"{group}.{env} -> {target!r}: the policy has no {group} key {target!r} "
                                     f"(its {group} keys: {policy_keys})")
@@ -122,7 +123,7 @@ class KeyMap:
             problems += [f"{group} key {target!r} is fed by {len(envs)} env keys {envs}; map one"
                          for target, envs in fed.items() if len(envs) > 1]
         if problems:
-            raise ConfigError("key map (env key -> policy key) has unused entries:\n  " + "\n  ".join(problems))
+            raise ConfigError("key map (env key -> policy key) has unused or invalid entries:\n  " + "\n  ".join(problems))
         sources = {(m, k): self.source(m, k) for m in ("video", "state") if m in configs
                    for k in configs[m].modality_keys}
         language_keys = list(configs["language"].modality_keys) if "language" in configs else []
