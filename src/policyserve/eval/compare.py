@@ -51,8 +51,11 @@ class ComparisonConfig:
     driver: DriverConfig = field(default_factory=lambda: DriverConfig(n_action_steps=1))
     """How the model side runs (``n_action_steps`` model actions per model query, key map, options, async)."""
     hdf5_path: str = ""
+    """The recorded demos (HDF5) the replay server's dataset was converted from."""
     demo_index: int = 0
+    """Compare from demo ``demo_<N>``'s recorded state."""
     start_step: int = 0
+    """Demo step both envs start from."""
     max_steps: int | None = None
     """Default: the rest of the demo (``num_samples - start_step``)."""
     eef_threshold: float = 0.02
@@ -60,9 +63,13 @@ class ComparisonConfig:
     action_threshold: float = 0.1
     """Largest absolute action difference that counts as diverged."""
     output_dir: str | None = None
+    """Folder for the traces (JSON, CSV), the figure and the video (nothing written without it)."""
     video: bool = True
+    """Write the side-by-side MP4."""
     fps: int = 20
+    """Frame rate of the video."""
     progress: bool = True
+    """Show a progress bar."""
 
 
 @dataclass

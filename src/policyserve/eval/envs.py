@@ -17,10 +17,13 @@ class EnvConfig:
     """The Franka envs an evaluation builds."""
 
     task: str = "lift"
+    """Franka task: lift or stack."""
     camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
     """Cameras shown in the videos (the policy's cameras are rendered whether listed or not)."""
     camera_size: tuple[int, int] = (128, 128)
+    """Rendered image size (height, width) of every camera."""
     render_settings: str = "fast"
+    """Renderer preset: fast or default."""
 
     def __post_init__(self) -> None:
         self.camera_names = tuple(self.camera_names)

@@ -42,10 +42,15 @@ class RolloutConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     driver: DriverConfig = field(default_factory=DriverConfig)
     n_episodes: int = 10
+    """Episodes evaluated in all (exactly this many, whatever the number of envs or workers)."""
     n_envs: int = 1
+    """Envs stepped together in one process (one batched policy query per step)."""
     max_episode_steps: int = 300
+    """Steps after which an episode ends unsuccessful."""
     seed: int = 0
+    """Episode k starts from ``reset(seed=seed + k)``."""
     hdf5_path: str | None = None
+    """Recorded demos (HDF5) whose initial states the episodes start from."""
     demo_indices: list[int] | None = None
     """With ``hdf5_path``: episode k starts from demo ``demo_indices[k % len]``'s initial state, and the policy
     is reset with that ``episode_index`` (a replay server then replays that demo)."""
@@ -54,9 +59,13 @@ class RolloutConfig:
     the worker env): robosuite draws object sizes when an env is built, so separate env instances differ;
     with one template every episode's start is the same whichever and however many envs run it."""
     video_dir: str | None = None
+    """Folder for one MP4 per episode (none without it)."""
     max_videos: int | None = None
+    """Videos of the first N episodes only (all by default)."""
     fps: int = 20
+    """Frame rate of the videos."""
     progress: bool = True
+    """Show a progress bar and one line per finished episode."""
 
     def __post_init__(self) -> None:
         for name in ("n_episodes", "n_envs", "max_episode_steps"):
