@@ -139,7 +139,9 @@ def _ray_backend(args: argparse.Namespace, spec):
                        replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
                        replica_gpus=args.replica_gpus or 0.0, autoscale=autoscale)
     print(f"  Starting policy replicas on Ray{' at ' + args.ray_address if args.ray_address else ''}...", flush=True)
-    return RayBackend(spec.build, config, stateful=spec.stateful)
+    from ..cluster.runtime import absolute_paths
+
+    return RayBackend(absolute_paths(spec).build, config, stateful=spec.stateful)  # replicas run elsewhere
 
 
 def _describe(args: argparse.Namespace) -> list[str]:

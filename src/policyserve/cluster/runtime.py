@@ -5,22 +5,53 @@ with no address, starts a local Ray instance sized for this machine and shuts it
 body raises (Ctrl-C's KeyboardInterrupt included). When Ray is already initialised in this process (a test or
 notebook that called ``ray.init``), that session is used and left alone. Ray is imported only here and in
 the modules that run on it, so commands without ``--workers`` never import it.
+
+The local instance is reachable from this machine only and requires a token: every Ray process (GCS,
+raylet, object manager, agents, workers, metrics export) listens on 127.0.0.1, and Ray's token
+authentication is on with a fresh random token that only this process and the instance's own processes
+hold (in their environment; nothing is written to disk). Joining a cluster that refuses this process's
+token (none set, or the wrong one) fails at once with :class:`RayAuthError` naming the cause.
+
+:func:`absolute_paths` is what every sender of configurations to Ray workers applies: workers run in
+another directory, so relative paths are made absolute on the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import os
+import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError, PolicyServeError
+
+LOOPBACK = "127.0.0.1"
+"""The address every process of the local Ray instance listens on."""
+TOKEN_CHECK_S = 10.0
+"""How long joining a cluster waits for its GCS to accept or refuse this process's token before going on
+to Ray's own connection attempt (which reports an unreachable cluster)."""
+PATH_FIELDS = frozenset({"model_path", "dataset_path", "modality_config_path", "hdf5_path", "video_dir",
+                         "output_dir"})
+"""Configuration fields that :func:`absolute_paths` treats as paths on the driver's file system."""
+
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP = loopback
+_T = TypeVar("_T")
 
 
 class RayUnavailableError(PolicyServeError):
     """Ray is not installed, or the Ray cluster at the given address cannot be reached."""
+
+
+class RayAuthError(RayUnavailableError, ConfigError):
+    """The Ray cluster refused this process's authentication token (none set, or not the cluster's): bad
+    input, like any other setting that does not fit the cluster."""
 
 
 def import_ray() -> Any:
@@ -44,27 +75,37 @@ class RayConnection:
 
 
 def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int = 200) -> RayConnection:
-    """Connect to the cluster at ``address``, or start a local instance with ``num_cpus`` CPUs (default: this
-    machine's count), an ``object_store_mb`` MB object store and worker processes at normal priority. Ray that
-    is already initialised in this process is used as it is (``connected=False``)."""
+    """Connect to the cluster at ``address``, or start a local instance (loopback only, token auth on) with
+    ``num_cpus`` CPUs (default: this machine's count), an ``object_store_mb`` MB object store and worker
+    processes at normal priority. Ray that is already initialised in this process is used as it is
+    (``connected=False``). :class:`RayAuthError` when the cluster refuses this process's token,
+    :class:`RayUnavailableError` when it cannot be reached or the instance cannot start."""
     ray = import_ray()
     if ray.is_initialized():
         return RayConnection(ray, connected=False, local=False)
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
     common = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address:
+        _refresh_auth_config()
+        _check_token(address)
     try:
         if address:
-            ray.init(address=address, **common)
+            with _ray_env({}, loopback=_is_loopback(address)):
+                ray.init(address=address, **common)
         else:
             # "local": a new instance even when another Ray runs on this machine (ray.init() would join it)
             # worker_niceness 0: the workers run at the priority of a single-process run (Ray's default, nice 15,
             # lets any other busy process on the machine take their cores)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
-                     object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-                     _system_config={"worker_niceness": 0}, **common)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+            env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_AUTH_TOKEN_PATH": None}
+            with _ray_env(env, loopback=True):
+                ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus or os.cpu_count() or 1,
+                         object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+                         dashboard_host=LOOPBACK, _system_config={"worker_niceness": 0}, **common)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         ray.shutdown()
+        if address and _caused_by_auth(exc):
+            raise RayAuthError(_auth_message(address)) from None
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RayUnavailableError(f"could not start or reach {where}: {exc}") from None
     return RayConnection(ray, connected=True, local=not address)
@@ -81,3 +122,160 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     finally:
         if connection.connected:
             connection.ray.shutdown()
+
+
+def absolute_paths(config: _T, *, cwd: str | None = None) -> _T:
+    """``config`` (a dataclass, nested ones included) with every relative path in a :data:`PATH_FIELDS` field
+    that exists under ``cwd`` (default: this process's working directory) made absolute, for Ray workers that
+    run in another directory. Other values (absolute paths, hub ids, paths that exist only on the nodes) and
+    non-dataclass values are returned as they are."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    base = cwd or os.getcwd()
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        if not field.init:
+            continue
+        value = getattr(config, field.name)
+        if field.name in PATH_FIELDS and isinstance(value, (str, os.PathLike)) and str(value):
+            path = os.path.expanduser(os.fspath(value))
+            if not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
+                changes[field.name] = type(value)(os.path.normpath(os.path.join(base, path))) \
+                    if isinstance(value, str) else os.path.normpath(os.path.join(base, path))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            new = absolute_paths(value, cwd=base)
+            if new is not value:
+                changes[field.name] = new
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def loopback_serve_replica() -> None:
+    """Called in each Serve replica as it starts: on a node whose IP is 127.0.0.1 (the local instance), the
+    replica's inter-deployment gRPC server listens on 127.0.0.1 too (Ray Serve 2.60 binds it to every
+    interface, ``[::]:0``, whatever the node's IP). Elsewhere, and on a Ray without that server, it does
+    nothing."""
+    import ray
+
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    add = getattr(replica, "add_port_to_grpc_server", None)
+    if add is None or getattr(add, "loopback", False) or ray.util.get_node_ip_address() != LOOPBACK:
+        return
+
+    def add_on_loopback(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = f"{LOOPBACK}:{address.rsplit(':', 1)[1]}"
+        return add(server, address)
+
+    add_on_loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_on_loopback
+
+
+# -- internals ---------------------------------------------------------------------------------------------
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def _ray_env(env: dict[str, str | None], *, loopback: bool) -> Iterator[None]:
+    """``env`` (None: unset) in this process's environment while Ray starts, so the processes it spawns
+    inherit it; with ``loopback``, Ray's single-machine mode (node IP 127.0.0.1: every server binds
+    loopback). This process's Ray configuration and token are read from it and kept until the next
+    :func:`join_ray`; the environment is restored on exit."""
+    from ray._private import ray_constants
+
+    if loopback:
+        env = {**env, _LOOPBACK_ENV: "0"}
+    saved = {key: os.environ.get(key) for key in env}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if loopback:  # read at import time; this process may have imported ray already
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        _refresh_auth_config()
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _refresh_auth_config() -> None:
+    """Make Ray's cached configuration and token in this process match the environment (an earlier local
+    instance left its own); only called while Ray is not initialised."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")  # before dropping the token: the loader must not reload in a stale mode
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _check_token(address: str) -> None:
+    """:class:`RayAuthError` when the GCS at ``address`` refuses this process's token; returns when it
+    accepts it, or when it does not answer within :data:`TOKEN_CHECK_S` (Ray's connection attempt reports
+    that)."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+        except BaseException as exc:  # noqa: BLE001 - reported through outcome
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, name="ray-token-check", daemon=True)
+    thread.start()
+    thread.join(TOKEN_CHECK_S)
+    if isinstance(outcome.get("error"), AuthenticationError):
+        raise RayAuthError(_auth_message(address))
+
+
+def _caused_by_auth(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _auth_message(address: str) -> str:
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if token_mode and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                           or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+        return (f"the Ray cluster at {address} requires a token (InvalidAuthToken) and RAY_AUTH_MODE=token is set "
+                "but no token is: put the cluster's token in RAY_AUTH_TOKEN or the token file "
+                "(RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)")
+    if token_mode:
+        return (f"the Ray cluster at {address} refused this process's token (InvalidAuthToken): RAY_AUTH_TOKEN, "
+                "or the token file (RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token), must hold the cluster's token")
+    return (f"the Ray cluster at {address} requires a token (InvalidAuthToken): set RAY_AUTH_MODE=token and the "
+            "cluster's token in RAY_AUTH_TOKEN or the token file (RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)")
+
+
+__all__ = ["LOOPBACK", "PATH_FIELDS", "RayAuthError", "RayConnection", "RayUnavailableError", "absolute_paths",
+           "import_ray", "join_ray", "loopback_serve_replica", "ray_session"]

@@ -41,6 +41,9 @@ class PolicyReplica:
         import ray
         from ray import serve
 
+        from ..cluster.runtime import loopback_serve_replica
+
+        loopback_serve_replica()  # the local instance stays on loopback (Serve binds this replica's gRPC port widely)
         self.policy = build()
         self.name = serve.get_replica_context().replica_id.to_full_id_str()
         self.node = ray.get_runtime_context().get_node_id()
