@@ -39,6 +39,7 @@ class DistributedConfig:
     """How many Ray workers, on which cluster, and how worker failures are handled."""
 
     workers: int = 2
+    """Ray worker actors running at once (each replaced when it dies, within ``max_worker_restarts``)."""
     address: str | None = None
     """Ray cluster address (``ray start --head`` prints it); None starts a local Ray instance for the run."""
     cpus_per_worker: float = 1.0
@@ -52,8 +53,10 @@ class DistributedConfig:
     fault-injection tests)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int):
+            raise ConfigError(f"workers must be an integer >= 1, got {self.workers!r}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
         if self.max_worker_restarts is None:
@@ -239,8 +242,11 @@ class PoolActor:
 def actor_spawner(ray: Any, cls: type, config: DistributedConfig, *args: Any) -> Callable[[int], Any]:
     """A ``spawn(wid)`` for :class:`WorkerPool`: a new ``cls(*args, env_vars)`` actor with the pool's CPUs, spread
     over the cluster's nodes, never restarted by Ray (the pool replaces it)."""
+    from .runtime import absolute_paths
+
     actor = ray.remote(cls)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    args = tuple(absolute_paths(arg) for arg in args)  # workers run in another directory
 
     def spawn(wid: int) -> Any:
         return actor.options(num_cpus=config.cpus_per_worker, scheduling_strategy="SPREAD",

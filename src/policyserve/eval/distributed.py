@@ -34,9 +34,13 @@ class ServerAddress:
     """Where the workers reach a policy server over the network."""
 
     host: str = "127.0.0.1"
+    """Address of the policy server that every worker's node can reach."""
     port: int = 5555
+    """The server's port."""
     api_token: str | None = None
+    """The server's API token, if it requires one."""
     timeout_ms: int = 15000
+    """How long a worker's client waits for each reply."""
 
     def connect(self, role: str = "policy") -> BasePolicy:
         from ..client.connect import connect_policy
