@@ -26,6 +26,7 @@ from helpers import descendants
 
 pytestmark = pytest.mark.ray
 
+TESTS = Path(__file__).resolve().parent
 LOOPBACK_ADDRESSES = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 
@@ -147,7 +148,8 @@ def token_head(clean_auth_env):
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PYTHONPATH=os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p))  # workers: this module
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "1", "--object-store-memory", str(80 * 2**20),
@@ -181,8 +183,11 @@ def token_head(clean_auth_env):
                 pass
 
 
-def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_error(token_head):
+def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_error(token_head, tmp_path,
+                                                                                   monkeypatch):
     import ray
+
+    from policyserve.cluster.pool import DistributedConfig, actor_spawner
 
     address, token = token_head
     start = time.monotonic()
@@ -204,7 +209,19 @@ def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_erro
     connection = join_ray(address)
     try:
         assert connection.connected and not connection.local
-        assert ray.get(ray.remote(lambda: 42).remote(), timeout=120) == 42
+
+        class Worker:  # defined here: shipped by value; reports what it was given and where it runs
+            def __init__(self, config: _Inner, env_vars: dict) -> None:
+                self.config = config
+
+            def where(self) -> tuple[str, str, bool]:
+                return self.config.hdf5_path, os.getcwd(), os.path.exists(self.config.hdf5_path)
+
+        (tmp_path / "demos.hdf5").write_bytes(b"")
+        monkeypatch.chdir(tmp_path)  # the driver's directory; the worker runs in the head's
+        spawn = actor_spawner(ray, Worker, DistributedConfig(workers=1, address=address), _Inner("demos.hdf5"))
+        path, cwd, exists = ray.get(spawn(0).where.remote(), timeout=120)
+        assert cwd != str(tmp_path) and path == str(tmp_path / "demos.hdf5") and exists
     finally:
         ray.shutdown()
 

@@ -242,8 +242,11 @@ class PoolActor:
 def actor_spawner(ray: Any, cls: type, config: DistributedConfig, *args: Any) -> Callable[[int], Any]:
     """A ``spawn(wid)`` for :class:`WorkerPool`: a new ``cls(*args, env_vars)`` actor with the pool's CPUs, spread
     over the cluster's nodes, never restarted by Ray (the pool replaces it)."""
+    from .runtime import absolute_paths
+
     actor = ray.remote(cls)
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    args = tuple(absolute_paths(arg) for arg in args)  # workers run in another directory
 
     def spawn(wid: int) -> Any:
         return actor.options(num_cpus=config.cpus_per_worker, scheduling_strategy="SPREAD",
