@@ -97,3 +97,12 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "partial.json").write_text(json.dumps({"video": {"delta_indices": [0], "modality_keys": []}}))
     with pytest.raises(ConfigError, match="missing modality 'state'"):
         load_modality_config_file(tmp_path / "partial.json")
+
+
+def test_span_counts_the_steps_from_first_to_last_offset():
+    from policyserve.types import ModalityConfig
+
+    assert ModalityConfig([0], ["a"]).span == 1
+    assert ModalityConfig(list(range(16)), ["a"]).span == 16
+    sparse = ModalityConfig([-10, -5, 0], ["a"])
+    assert sparse.span == 11 and sparse.horizon == 3  # span: steps covered; horizon: frames sampled
