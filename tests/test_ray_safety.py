@@ -112,8 +112,11 @@ def test_local_instance_is_loopback_only_with_token_auth_and_no_http_proxy(clean
         assert not serve.status().proxies  # Serve's HTTP proxy stays off
         raylet_seen = False
         deadline = time.monotonic() + 30  # the agents open their ports shortly after start
+        node = ray._private.worker._global_node  # this instance's processes: its own and their children
+        roots = {info.process.pid for infos in node.all_processes.values() for info in infos}
         while True:
-            sockets = listening_sockets(descendants(os.getpid()))
+            pids = {os.getpid(), *roots, *(child for root in roots for child in descendants(root))}
+            sockets = listening_sockets(pids)
             raylet_seen = any("raylet" in command(pid) for pid, _, _ in sockets)
             if raylet_seen and len({pid for pid, _, _ in sockets}) >= 4 or time.monotonic() > deadline:
                 break
@@ -150,23 +153,19 @@ def token_head(clean_auth_env):
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PYTHONPATH=os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p))  # workers: this module
+    log = open(os.path.join(temp, "head.log"), "wb")  # noqa: SIM115 - closed in the finally below
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "1", "--object-store-memory", str(80 * 2**20),
          "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 90
-        while True:
-            assert head.poll() is None, "ray start --head exited"
-            with socket.socket() as s:
-                s.settimeout(1)
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        while "Ray runtime started" not in Path(log.name).read_text(errors="replace"):  # GCS and raylet are up
+            assert head.poll() is None, "ray start --head exited: " + Path(log.name).read_text(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "the token-auth head did not start within 90 s"
             time.sleep(0.5)
-        time.sleep(2)  # the raylet registers after the GCS listens
         yield f"127.0.0.1:{port}", token
     finally:
         started = descendants(head.pid)
@@ -181,6 +180,7 @@ def token_head(clean_auth_env):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        log.close()
 
 
 def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_error(token_head, tmp_path,
