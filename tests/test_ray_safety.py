@@ -226,6 +226,17 @@ def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_erro
         ray.shutdown()
 
 
+def test_joining_an_address_where_nothing_answers_fails_within_the_bound(clean_auth_env, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(runtime, "TOKEN_CHECK_S", 2.0)
+    start = time.monotonic()
+    with pytest.raises(runtime.RayUnavailableError, match=r"could not reach the Ray cluster at 127\.0\.0\.1:\d+: "
+                       r"its GCS did not answer within 2 s"):
+        join_ray(f"127.0.0.1:{free_port()}")
+    assert time.monotonic() - start < 10 and not ray.is_initialized()
+
+
 @dataclass(frozen=True)
 class _Inner:
     hdf5_path: str = ""

@@ -33,9 +33,9 @@ from ..errors import ConfigError, PolicyServeError
 
 LOOPBACK = "127.0.0.1"
 """The address every process of the local Ray instance listens on."""
-TOKEN_CHECK_S = 10.0
-"""How long joining a cluster waits for its GCS to accept or refuse this process's token before going on
-to Ray's own connection attempt (which reports an unreachable cluster)."""
+TOKEN_CHECK_S = 20.0
+"""How long joining a cluster waits for its GCS to accept or refuse this process's token (Ray's own wait
+for a cluster is 20 s too)."""
 PATH_FIELDS = frozenset({"model_path", "dataset_path", "modality_config_path", "hdf5_path", "video_dir",
                          "output_dir"})
 """Configuration fields that :func:`absolute_paths` treats as paths on the driver's file system."""
@@ -227,9 +227,9 @@ def _refresh_auth_config() -> None:
 
 
 def _check_token(address: str) -> None:
-    """:class:`RayAuthError` when the GCS at ``address`` refuses this process's token; returns when it
-    accepts it, or when it does not answer within :data:`TOKEN_CHECK_S` (Ray's connection attempt reports
-    that)."""
+    """:class:`RayAuthError` when the GCS at ``address`` refuses this process's token,
+    :class:`RayUnavailableError` when it does not answer within :data:`TOKEN_CHECK_S`; returns when it
+    accepts the token, or fails otherwise (Ray's own connection attempt then reports it)."""
     if "://" in address or address == "auto" or ":" not in address:
         return
     try:
@@ -248,6 +248,9 @@ def _check_token(address: str) -> None:
     thread = threading.Thread(target=probe, name="ray-token-check", daemon=True)
     thread.start()
     thread.join(TOKEN_CHECK_S)
+    if thread.is_alive():  # Ray's client keeps trying in the background for a while, then gives up
+        raise RayUnavailableError(f"could not reach the Ray cluster at {address}: its GCS did not answer within "
+                                  f"{TOKEN_CHECK_S:g} s")
     if isinstance(outcome.get("error"), AuthenticationError):
         raise RayAuthError(_auth_message(address))
 
