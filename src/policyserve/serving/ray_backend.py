@@ -91,7 +91,7 @@ class RayBackend(Backend):
         return self._modality_config
 
     def run_batch(self, requests: Sequence[Request]) -> list[BatchResult]:
-        return self._call("run_batch", [to_action_request(r) for r in requests])
+        return self._call("run_batch", [to_action_request(r) for r in requests], what="get_action")
 
     def reset(self, options: dict | None, client: str) -> Any:
         result = self._call("reset", options, client)
@@ -185,18 +185,20 @@ class RayBackend(Backend):
             time.sleep(0.2)
 
     # -- calls -----------------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any) -> Any:
-        """``method(*args)`` on some replica; a replica dying during the call is retried once."""
+    def _call(self, method: str, *args: Any, what: str | None = None) -> Any:
+        """``method(*args)`` on some replica; a replica dying during the call is retried once. Messages name
+        the call as ``what`` (default ``method``), e.g. the client's endpoint."""
+        what = what or method
         try:
-            return self._wait(getattr(self._handle, method).remote(*args), method)
+            return self._wait(getattr(self._handle, method).remote(*args), what)
         except _REPLICA_DIED as exc:
             if self.verbose:
-                print(f"Policy replica died during {method} ({_first_line(exc)}); retrying once on another "
+                print(f"Policy replica died during {what} ({_first_line(exc)}); retrying once on another "
                       "replica", flush=True)
         try:
-            return self._wait(getattr(self._handle, method).remote(*args), method)
+            return self._wait(getattr(self._handle, method).remote(*args), what)
         except _REPLICA_DIED as exc:
-            raise NoReplicaError(f"no policy replica available: the replica answering {method} died and the "
+            raise NoReplicaError(f"no policy replica available: the replica answering {what} died and the "
                                  f"retry on another replica failed too ({_first_line(exc)})") from None
 
     def _wait(self, response: Any, method: str) -> Any:
