@@ -14,46 +14,46 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from typing import Any
 
 from ..serving.spec import DEFAULT_EMBODIMENT
-from .common import add_api_token, add_server_address
+from .common import add_api_token, add_server_address, embodiment_hint
+from .flags import Flag, RawDescriptionHelpFormatter, add_config_flags, config_kwargs, field_flags
+
+MiB = 1 << 20
 
 
 def register(sub: Any) -> None:
+    """Add the ``serve`` command; its flags come from PolicySpec, ServerConfig and SchedulerConfig."""
+    from ..serving.scheduler import SchedulerConfig
+    from ..serving.server import ServerConfig
+    from ..serving.spec import PolicySpec
+
     p = sub.add_parser("serve", help="serve a policy (model, replay, scripted, constant) to GR00T and openpi clients",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     add_server_address(p)
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="validate observations and actions (default on)")
-    p.add_argument("--embodiment-tag", default=None,
-                   help="embodiment tag name or value (GR1, NEW_EMBODIMENT, franka_panda, ...)")
-    p.add_argument("--modality-config-path", default=None, help="JSON file of modality configs")
     add_api_token(p)
-    p.add_argument("--model-path", default=None, help="checkpoint directory (model mode)")
-    p.add_argument("--device", default="cpu", help="torch device for model mode (cpu, cuda, cuda:0)")
-    p.add_argument("--dataset-path", default=None, help="LeRobot dataset to replay (replay mode)")
-    p.add_argument("--execution-horizon", type=int, default=None,
-                   help="replay: steps the cursor advances per get_action (default: the action horizon)")
-    p.add_argument("--action-horizon", type=int, default=16,
-                   help="replay: action chunk length when the config is inferred from the dataset (default 16)")
-    p.add_argument("--policy", default=None, help="built-in policy: 'scripted:lift', 'scripted:stack', 'constant'")
-    p.add_argument("--use-sim-policy-wrapper", action=argparse.BooleanOptionalAction, default=False,
-                   help="accept flat video.<k>/state.<k> observations and answer action.<k> (GR00T sim envs)")
-    p.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted (MiB)")
-    p.add_argument("--max-batch-size", type=int, default=32,
-                   help="most get_action requests merged into one policy call (continuous batching; "
-                        "1 turns merging off; default 32)")
-    p.add_argument("--batch-window-ms", type=float, default=0.0,
-                   help="extra wait for more requests before a policy call that is not full (default 0)")
-    p.add_argument("--rejoin-wait-ms", type=float, default=5.0,
-                   help="after a merged call, wait up to this long (at most half the call's time) for the clients "
-                        "it answered to send again, so they stay in one batch; never for a lone client (default 5)")
-    p.add_argument("--max-queued-per-client", type=int, default=64,
-                   help="requests one client may have waiting; more get 'server busy' at once (default 64)")
-    p.add_argument("--max-queued-mb", type=float, default=1024,
-                   help="total size of waiting requests; more get 'server busy' at once (MiB, default 1024)")
+    spec = add_config_flags(
+        p, PolicySpec, ["strict", "embodiment_tag", "modality_config_path", "model_path", "device", "dataset_path",
+                        "execution_horizon", "action_horizon", "policy", "sim_wrapper"],
+        strict=Flag(help="validate observations and actions"),
+        embodiment_tag=Flag(help="embodiment tag name or value (GR1, NEW_EMBODIMENT, franka_panda, ...)"),
+        modality_config_path=Flag(help="JSON file of modality configs"),
+        model_path=Flag(help="checkpoint directory (model mode)"),
+        device=Flag(help="torch device for model mode (cpu, cuda, cuda:0)"),
+        dataset_path=Flag(help="LeRobot dataset to replay (replay mode)"),
+        execution_horizon=Flag(help="replay: steps the cursor advances per get_action (default: the action horizon)"),
+        action_horizon=Flag(help="replay: action chunk length when the config is inferred from the dataset"),
+        policy=Flag(help="built-in policy: 'scripted:lift', 'scripted:stack', 'constant'"),
+        sim_wrapper=Flag(name="use-sim-policy-wrapper"),
+    )
+    server = add_config_flags(p, ServerConfig, ["max_message_bytes"],
+                              max_message_bytes=Flag(name="max-message-mb", scale=MiB, metavar="MiB"))
+    scheduler = add_config_flags(
+        p, SchedulerConfig, ["max_batch_size", "batch_window_ms", "rejoin_wait_ms", "max_queued_per_client",
+                             "max_queued_bytes"],
+        max_queued_bytes=Flag(name="max-queued-mb", scale=MiB, metavar="MiB"))
+    field_flags(p).update(host="--host", api_token="--api-token")
     p.add_argument("--protocol", choices=("gr00t", "openpi"), default="gr00t",
                    help="gr00t (default): GR00T clients on --port, openpi clients too with --openpi-port; "
                         "openpi: openpi clients only, on --openpi-port or else --port")
@@ -74,7 +74,9 @@ def register(sub: Any) -> None:
                      help="GPUs reserved per replica (default 0; use with --device cuda)")
     ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                      help="let Ray Serve scale the replicas between MIN and MAX with the load")
-    p.set_defaults(func=run)
+    field_flags(p).update({name: f"--{name.replace('_', '-')}" for name in
+                           ("replicas", "ray_address", "replica_cpus", "replica_gpus", "autoscale")})
+    p.set_defaults(func=lambda args: run(args, spec, server, scheduler), error_hint=embodiment_hint)
 
 
 def front_doors(args: argparse.Namespace) -> list:
@@ -104,16 +106,11 @@ def front_doors(args: argparse.Namespace) -> list:
     return doors
 
 
-def policy_spec(args: argparse.Namespace):
+def policy_spec(args: argparse.Namespace, dests: dict[str, str]) -> Any:
     """The :class:`PolicySpec` the flags describe."""
     from ..serving.spec import PolicySpec
 
-    return PolicySpec(
-        model_path=args.model_path, device=args.device, dataset_path=args.dataset_path,
-        execution_horizon=args.execution_horizon, action_horizon=args.action_horizon, policy=args.policy,
-        embodiment_tag=args.embodiment_tag, modality_config_path=args.modality_config_path, strict=args.strict,
-        sim_wrapper=args.use_sim_policy_wrapper,
-    )
+    return PolicySpec(**config_kwargs(args, dests))
 
 
 def _ray_backend(args: argparse.Namespace, spec):
@@ -176,20 +173,18 @@ def _describe(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def server_config(args: argparse.Namespace):
-    """The :class:`~policyserve.serving.server.ServerConfig` the flags describe (sizes in MiB -> bytes)."""
-    from ..serving.server import SchedulerConfig, ServerConfig
+def server_config(args: argparse.Namespace, server: dict[str, str], scheduler: dict[str, str]) -> Any:
+    """The :class:`~policyserve.serving.server.ServerConfig` the flags describe."""
+    from ..serving.scheduler import SchedulerConfig
+    from ..serving.server import ServerConfig
 
-    return ServerConfig(
-        host=args.host, api_token=args.api_token, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        scheduler=SchedulerConfig(
-            max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
-            rejoin_wait_ms=args.rejoin_wait_ms, max_queued_per_client=args.max_queued_per_client,
-            max_queued_bytes=int(args.max_queued_mb * 1024 * 1024)))
+    return ServerConfig(host=args.host, api_token=args.api_token, **config_kwargs(args, server),
+                        scheduler=SchedulerConfig(**config_kwargs(args, scheduler)))
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..errors import PolicyServeError
+def run(args: argparse.Namespace, spec_dests: dict[str, str], server_dests: dict[str, str],
+        scheduler_dests: dict[str, str]) -> int:
+    """Start the server the flags describe and serve until SIGTERM/SIGINT or a ``kill`` request."""
     from ..serving.server import PolicyServer
 
     print("Starting policyserve inference server...", flush=True)
@@ -197,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
         print(line, flush=True)
     backend = None
     try:
-        spec = policy_spec(args)
-        config = server_config(args)
+        spec = policy_spec(args, spec_dests)
+        config = server_config(args, server_dests, scheduler_dests)
         doors = front_doors(args)
         backend = _ray_backend(args, spec)
         if backend is not None:
@@ -208,17 +203,10 @@ def run(args: argparse.Namespace) -> int:
         for door in doors:
             server.add_front_door(door)
         server.bind()
-    except (PolicyServeError, OSError, ValueError, KeyboardInterrupt) as exc:
+    except BaseException:
         if backend is not None:
             backend.close()
-        if isinstance(exc, KeyboardInterrupt):
-            return 130
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except ImportError as exc:
-        print(f"error: {exc.name or exc} is not installed (pip install 'policyserve[serve]')", file=sys.stderr,
-              flush=True)
-        return 2
+        raise
     batching = ("off" if args.max_batch_size == 1 or not server.backend.batchable
                 else f"up to {args.max_batch_size} requests per call")
     print(f"  Batching: {batching}", flush=True)
