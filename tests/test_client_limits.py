@@ -153,12 +153,13 @@ def test_a_malformed_modality_config_names_the_modality() -> None:
 def test_replay_cursor_survives_a_timeout_and_reconnect(gr1_dataset_path: Path) -> None:
     """Issue 16: after a PolicyTimeoutError the same client continues its episode (not episode 0, step 0)."""
     policy = make_replay_policy(gr1_dataset_path, 8)
-    slow = threading.Event()
+    slow, entered = threading.Event(), threading.Event()
     serve_batch = policy.serve_batch
 
     def slowed(requests):  # the real replay policy, made slow on demand
         if slow.is_set():
-            time.sleep(0.5)
+            entered.set()
+            time.sleep(1.5)
         return serve_batch(requests)
 
     policy.serve_batch = slowed
@@ -172,7 +173,8 @@ def test_replay_cursor_survives_a_timeout_and_reconnect(gr1_dataset_path: Path) 
         slow.set()
         with pytest.raises(PolicyTimeoutError):
             client.send_request({"endpoint": "get_action", "data": {"observation": None,
-                                                                    "options": {"batch_size": 1}}}, timeout_ms=100)
+                                                                    "options": {"batch_size": 1}}}, timeout_ms=500)
+        assert entered.wait(10)  # the timed-out request reached the policy (bounded wait, no race)
         slow.clear()
         assert client.identity == identity
         # the timed-out request (step 16) still ran on the server; its late reply is dropped, not taken as ours

@@ -110,9 +110,7 @@ class PolicyClient(BasePolicy):
             if not self._socket.poll(timeout, zmq.POLLOUT):
                 raise zmq.Again()
             self._socket.send(payload, zmq.NOBLOCK, copy=False)
-            if not self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-                raise zmq.Again()
-            reply = self._socket.recv(zmq.NOBLOCK, copy=False)
+            reply = self._receive(deadline)
         except (zmq.Again, KeyboardInterrupt) as exc:
             self._init_socket()  # a REQ socket waiting for a lost reply is unusable: replace it
             if isinstance(exc, KeyboardInterrupt):
@@ -134,6 +132,20 @@ class PolicyClient(BasePolicy):
             return unpackb(reply.buffer, writable=True, deadline=deadline)
         except ProtocolError as exc:
             raise ProtocolError(f"could not decode reply from {self.address}: {exc}") from None
+
+    def _receive(self, deadline: float) -> zmq.Frame:
+        """The reply to the request just sent; :class:`zmq.Again` once ``deadline`` passes."""
+        assert self._socket is not None
+        while True:
+            if not self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                raise zmq.Again()
+            try:
+                return self._socket.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # poll saw a late reply to an earlier, timed-out request, which the socket then dropped
+                # (its request id is not ours): keep waiting for ours
+                if time.monotonic() >= deadline:
+                    raise
 
     def call_endpoint(
         self, endpoint: str, data: dict[str, Any] | None = None, requires_input: bool = True
