@@ -27,6 +27,7 @@ def register(sub: Any) -> None:
     """Add the ``serve`` command; its flags come from PolicySpec, ServerConfig and SchedulerConfig."""
     from ..serving.scheduler import SchedulerConfig
     from ..serving.server import ServerConfig
+    from ..serving.ray_config import RayConfig
     from ..serving.spec import PolicySpec
 
     p = sub.add_parser("serve", help="serve a policy (model, replay, scripted, constant) to GR00T and openpi clients",
@@ -63,20 +64,17 @@ def register(sub: Any) -> None:
                         "observation/wrist_image, observation/state, prompt -> actions)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: no metrics server)")
-    ray = p.add_argument_group("policy replicas on Ray (needs the 'ray' extra)")
-    ray.add_argument("--replicas", type=int, default=None,
-                     help="serve through N policy replicas on Ray Serve, each loading the policy itself (default: "
-                          "the policy runs in this process and Ray is not used)")
-    ray.add_argument("--ray-address", default=None,
-                     help="Ray cluster to place replicas on (e.g. 10.0.0.5:6379); default: start a local Ray instance")
-    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs reserved per replica (default 1)")
-    ray.add_argument("--replica-gpus", type=float, default=None,
-                     help="GPUs reserved per replica (default 0; use with --device cuda)")
-    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                     help="let Ray Serve scale the replicas between MIN and MAX with the load")
-    field_flags(p).update({name: f"--{name.replace('_', '-')}" for name in
-                           ("replicas", "ray_address", "replica_cpus", "replica_gpus", "autoscale")})
-    p.set_defaults(func=lambda args: run(args, spec, server, scheduler), error_hint=embodiment_hint)
+    group = p.add_argument_group("policy replicas on Ray (needs the 'ray' extra)")
+    given = "only with --replicas or --autoscale"
+    ray = add_config_flags(
+        group, RayConfig, ["replicas", "ray_address", "replica_cpus", "replica_gpus", "autoscale"], owner=p,
+        replicas=Flag(default=None, help="+Default: the policy runs in this process and Ray is not used."),
+        ray_address=Flag(metavar="ADDR"),
+        replica_cpus=Flag(default=None, help=f"+(default {RayConfig.replica_cpus:g}; {given})"),
+        replica_gpus=Flag(default=None, help=f"+(default {RayConfig.replica_gpus:g}; {given})"),
+        autoscale=Flag(parse=str, metavar="MIN:MAX"),
+    )
+    p.set_defaults(func=lambda args: run(args, spec, server, scheduler, ray), error_hint=embodiment_hint)
 
 
 def front_doors(args: argparse.Namespace) -> list:
@@ -113,28 +111,27 @@ def policy_spec(args: argparse.Namespace, dests: dict[str, str]) -> Any:
     return PolicySpec(**config_kwargs(args, dests))
 
 
-def _ray_backend(args: argparse.Namespace, spec):
+def _ray_backend(args: argparse.Namespace, spec: Any, dests: dict[str, str]) -> Any:
     """Policy replicas on Ray (``--replicas``/``--autoscale``), else None; Ray is imported only here."""
-    ray_flags = {"--ray-address": args.ray_address, "--replica-cpus": args.replica_cpus,
-                 "--replica-gpus": args.replica_gpus}
-    if args.replicas is None and args.autoscale is None:
-        given = [flag for flag, value in ray_flags.items() if value is not None]
-        if given:
-            from ..errors import ConfigError
+    from ..errors import ConfigError
+    from ..serving.ray_config import RayConfig, parse_autoscale
 
+    values = config_kwargs(args, dests)
+    if values["replicas"] is None and values["autoscale"] is None:
+        given = [args.field_flags[name] for name in ("ray_address", "replica_cpus", "replica_gpus")
+                 if values[name] is not None]
+        if given:
             raise ConfigError(f"{', '.join(given)} needs --replicas N (or --autoscale MIN:MAX)")
         return None
+    if values["autoscale"] is not None:
+        values["autoscale"] = parse_autoscale(values["autoscale"])
+        if values["replicas"] is None:
+            values["replicas"] = values["autoscale"][0]
+    config = RayConfig(**{name: value for name, value in values.items() if value is not None})
     try:
-        from ..serving.ray_backend import RayBackend, RayConfig, parse_autoscale
+        from ..serving.ray_backend import RayBackend
     except ImportError as exc:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--replicas needs Ray ({exc}): pip install 'policyserve[ray]'") from None
-    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
-    replicas = args.replicas if args.replicas is not None else autoscale[0]  # type: ignore[index]
-    config = RayConfig(replicas=replicas, ray_address=args.ray_address,
-                       replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-                       replica_gpus=args.replica_gpus or 0.0, autoscale=autoscale)
     print(f"  Starting policy replicas on Ray{' at ' + args.ray_address if args.ray_address else ''}...", flush=True)
     from ..cluster.runtime import absolute_paths
 
@@ -183,7 +180,7 @@ def server_config(args: argparse.Namespace, server: dict[str, str], scheduler: d
 
 
 def run(args: argparse.Namespace, spec_dests: dict[str, str], server_dests: dict[str, str],
-        scheduler_dests: dict[str, str]) -> int:
+        scheduler_dests: dict[str, str], ray_dests: dict[str, str]) -> int:
     """Start the server the flags describe and serve until SIGTERM/SIGINT or a ``kill`` request."""
     from ..serving.server import PolicyServer
 
@@ -195,7 +192,7 @@ def run(args: argparse.Namespace, spec_dests: dict[str, str], server_dests: dict
         spec = policy_spec(args, spec_dests)
         config = server_config(args, server_dests, scheduler_dests)
         doors = front_doors(args)
-        backend = _ray_backend(args, spec)
+        backend = _ray_backend(args, spec, ray_dests)
         if backend is not None:
             for line in backend.describe():
                 print(line, flush=True)
