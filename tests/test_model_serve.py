@@ -103,7 +103,7 @@ def test_train_cli_reports_bad_inputs(cli_checkpoint: Path, tmp_path: Path, caps
         (["--dataset-path", str(tmp_path)], "not a LeRobot dataset"),
         (["--dataset-path", dataset, "--embodiment-tag", "no_such_robot"], "no_such_robot"),
         (["--dataset-path", dataset, "--modality-config-path", str(tmp_path / "missing.json")], "not found"),
-        (["--dataset-path", dataset, "--max-steps", "0"], "max_steps must be >= 1"),
+        (["--dataset-path", dataset, "--max-steps", "0"], "--max-steps must be >= 1"),
         (["--dataset-path", dataset, "--device", "cuda:7"], "cuda:7"),
     ]
     for extra, message in cases:
