@@ -159,3 +159,22 @@ def test_library_errors_name_fields_the_cli_names_flags() -> None:
 def test_bool_flag_refuses_other_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["demo", "--progress", "maybe"]) == 2
     assert "expected True or False, got 'maybe'" in capsys.readouterr().err
+
+
+def test_every_flag_of_every_command_has_help() -> None:
+    import argparse
+
+    from policyserve.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, child in action.choices.items():
+                    walk(child, f"{name} {sub_name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{name} {action.option_strings[0]}")
+
+    walk(build_parser(), "policyserve")
+    assert missing == []

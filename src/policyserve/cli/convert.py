@@ -29,7 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--task", help="task text (default: the file's 'task' attribute or env name)")
     p.add_argument("--fps", type=float, default=20.0, help="frames per second (default 20)")
     p.add_argument("--eval-proportion", type=float, default=0.0, help="share of episodes in the eval split")
-    p.add_argument("--layout", choices=("auto", "robomimic", "isaaclab_mimic"), default="auto")
+    p.add_argument("--layout", choices=("auto", "robomimic", "isaaclab_mimic"), default="auto",
+                   help="HDF5 layout of the demos (default auto: detected from the file)")
     p.add_argument(
         "--format", choices=FORMATS, default=V21,
         help="LeRobot layout: v2.1 (default; GR00T's loader needs it) or v3.0 (LeRobot >= 0.4 reads only v3.0)",

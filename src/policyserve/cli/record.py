@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import parse_names, parse_size
+from .flags import field_flags, parse_names, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Roll the scripted expert in the built-in Franka lift/stack env and write robomimic-layout "
         "HDF5 (data/demo_N/{actions, states, obs/<key>}).",
     )
-    parser.add_argument("--task", choices=("lift", "stack"), default="lift")
+    parser.add_argument("--task", choices=("lift", "stack"), default="lift", help="built-in Franka task (default lift)")
     parser.add_argument("--n-demos", type=int, default=50, help="number of demos to keep")
     parser.add_argument("--output", required=True, help="output .hdf5 path")
     parser.add_argument("--camera-size", type=parse_size, default=(128, 128), help="e.g. 128 or 128x128 (HxW)")
@@ -25,10 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated subset of table_cam,wrist_cam, or 'none'")
     parser.add_argument("--seed", type=int, default=0, help="episode k resets with seed + k")
     parser.add_argument("--keep-failed", action="store_true", help="also keep episodes that did not succeed")
-    parser.add_argument("--max-episode-steps", type=int, default=None)
-    parser.add_argument("--render-settings", choices=("fast", "default"), default="fast")
+    parser.add_argument("--max-episode-steps", type=int, default=None, metavar="N",
+                        help="steps after which an episode ends (default: the task's own limit)")
+    parser.add_argument("--render-settings", choices=("fast", "default"), default="fast",
+                        help="renderer quality: fast (default) or robosuite's default")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+    # record_demos's parameters, for its errors
+    field_flags(parser).update({name: f"--{name.replace('_', '-')}" for name in
+                                ("n_demos", "camera_size", "max_episode_steps", "keep_failed", "render_settings")})
+    field_flags(parser)["camera_names"] = "--cameras"
 
 
 def run(args: argparse.Namespace) -> int:
