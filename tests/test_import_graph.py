@@ -188,3 +188,13 @@ def _strongly_connected(edges: dict[str, list[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return sorted(groups)
+
+
+def test_commands_share_flags_through_cli_common_only() -> None:
+    """A command module imports no other command (``compare`` once took its flags from ``rollout``)."""
+    g = graph()
+    shared = {f"{ROOT}.cli.common", f"{ROOT}.cli.flags", f"{ROOT}.cli.demo_workflow", f"{ROOT}.cli"}
+    found = sorted(f"{m} -> {i}" for m in g.modules if m.startswith(f"{ROOT}.cli.") and m != f"{ROOT}.cli.main"
+                   for i in g.find_modules_directly_imported_by(m)
+                   if i.startswith(f"{ROOT}.cli") and i not in shared)
+    assert found == []
