@@ -196,5 +196,5 @@ def test_commands_share_flags_through_cli_common_only() -> None:
     shared = {f"{ROOT}.cli.common", f"{ROOT}.cli.flags", f"{ROOT}.cli.demo_workflow", f"{ROOT}.cli"}
     found = sorted(f"{m} -> {i}" for m in g.modules if m.startswith(f"{ROOT}.cli.") and m != f"{ROOT}.cli.main"
                    for i in g.find_modules_directly_imported_by(m)
-                   if i.startswith(f"{ROOT}.cli") and i not in shared)
+                   if i.startswith(f"{ROOT}.cli.") and i not in shared)
     assert found == []
