@@ -15,6 +15,9 @@ baselines (goals: model >= 3x unbatched, synthetic >= 5x upstream, openpi door w
 door and >= 3x openpi's server).
 
     python benchmarks/serving.py [--clients 8] [--seconds 6] [--no-openpi]
+
+The model servers use OMP_NUM_THREADS=2 unless the environment sets it (on a loaded machine, 1 avoids
+OpenMP's spinning threads fighting for cores).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def client_main(kind: str, port: int, seconds: float, image_size: int, seed: int
 
 def openpi_server_main(checkpoint: str, port: int, ready) -> None:
     """openpi's own WebsocketPolicyServer around the same loaded policy and openpi key mapping."""
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "2")  # as the model servers (start_model_server)
     from openpi_server import WebsocketPolicyServer
 
     from policyserve.model import load_policy
@@ -163,7 +166,7 @@ def run_clients(kind: str, port: int, n: int, seconds: float, image_size: int) -
     latencies = [x for lat, _, _ in results for x in lat]
     merged = Counter(x for _, m, _ in results for x in m)
     timing = [t for _, _, ts in results for t in ts]
-    ordered = sorted(latencies)
+    ordered = sorted(latencies) or [float("nan")]  # no request finished in the window (an overloaded machine)
     return {
         "req_per_s": len(latencies) / seconds,
         "p50_ms": statistics.median(ordered),
@@ -247,7 +250,7 @@ def start_model_server(checkpoint: Path, *extra: str, ready: str = GR00T_READY) 
 
     proc = subprocess.Popen([sys.executable, "-m", "policyserve", "serve", "--model-path", str(checkpoint),
                              "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
