@@ -25,6 +25,7 @@ the step its last reset reported) are aligned by it, and a reply's ``info["execu
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -302,8 +303,7 @@ def _like(actions: np.ndarray, observation: Mapping[str, Any]) -> Any:
     """``actions`` as a torch tensor on the observation's device when the observation holds torch tensors."""
     for value in observation.values():
         if type(value).__module__.startswith("torch") and hasattr(value, "device"):
-            import torch
-
+            torch = sys.modules["torch"]  # loaded already: the observation holds its tensors
             return torch.as_tensor(actions, device=value.device)
     return actions
 
