@@ -145,3 +145,23 @@ def test_client_keys_are_resolved_once_and_checked(keys: dict[str, Path]) -> Non
     assert loaded.public_key == load_public_key(keys["client_secret"])
     with pytest.raises(ConfigError, match="needs curve_server_key"):
         PolicyClient("127.0.0.1", 1, curve_key_pair=keys["client_secret"])
+
+
+def test_policy_server_with_curve_admits_only_authorized_clients(keys: dict[str, Path]) -> None:
+    from helpers import SPEC, franka_observation
+    from policyserve import ConstantPolicy
+    from policyserve.serving.server import PolicyServer
+
+    server = PolicyServer(ConstantPolicy(SPEC.modality_configs, SPEC.dims), host="127.0.0.1", port=0, verbose=False,
+                          curve_secret_key=str(keys["server_secret"]), curve_authorized_keys=str(keys["authorized"]))
+    port = server.start()
+    try:
+        with PolicyClient("127.0.0.1", port, timeout_ms=5000, curve_server_key=keys["server_public"],
+                          curve_key_pair=keys["client_secret"]) as robot:
+            action, _ = robot.get_action(franka_observation(batch=2))
+            assert action["arm"].shape[0] == 2
+        for options in ({}, {"curve_server_key": keys["server_public"], "curve_key_pair": keys["stranger_secret"]}):
+            with PolicyClient("127.0.0.1", port, timeout_ms=500, **options) as other:
+                assert not other.ping()
+    finally:
+        server.stop()

@@ -36,7 +36,7 @@ def generate_keys(directory: str | os.PathLike, name: str = "policyserve") -> tu
     folder = Path(directory)
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     if public.exists() or secret.exists():
-        raise ConfigError(f"key files for {name!r} already exist in {folder} (pick another --name or directory)")
+        raise ConfigError(f"key files for {name!r} already exist in {folder} (pick another name or directory)")
     folder.mkdir(parents=True, exist_ok=True)
     made_public, made_secret = zmq.auth.create_certificates(str(folder), name)
     os.chmod(made_secret, 0o600)
@@ -122,16 +122,16 @@ def curve_server(
     handshake and never reach the server. Without it any client that knows the server's public key
     can connect, and the link is still encrypted.
     """
-    public, secret = load_key_pair(secret_key_file, "--curve-secret-key")
+    public, secret = load_key_pair(secret_key_file, "curve_secret_key")
     authenticator = None
     admitted: int | None = None
     if authorized_keys_dir is not None:
         folder = Path(authorized_keys_dir)
         if not folder.is_dir():
-            raise ConfigError(f"--curve-authorized-keys: {str(folder)[:200]!r} is not a directory")
+            raise ConfigError(f"curve_authorized_keys: {str(folder)[:200]!r} is not a directory")
         admitted = len(list(folder.glob("*.key")))
         if admitted == 0:
-            raise ConfigError(f"--curve-authorized-keys: {str(folder)[:200]!r} holds no public key files (*.key); "
+            raise ConfigError(f"curve_authorized_keys: {str(folder)[:200]!r} holds no public key files (*.key); "
                               "no client could connect")
         from zmq.auth.thread import ThreadAuthenticator
 

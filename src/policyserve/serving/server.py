@@ -53,10 +53,16 @@ class ServerConfig:
     """Longest wait at shutdown for the policy calls in progress (seconds)."""
     verbose: bool = True
     """Print the doors' addresses, request errors and shutdown progress."""
+    curve_secret_key: str | None = None
+    """CurveZMQ secret key file (``policyserve keys generate``) for the GR00T door: encrypted links; None: plain."""
+    curve_authorized_keys: str | None = None
+    """Folder of client public key files (``*.key``) admitted over CurveZMQ; None: any client with the server's key."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Batching and queue limits."""
 
     def __post_init__(self) -> None:
+        if self.curve_authorized_keys is not None and self.curve_secret_key is None:
+            raise ConfigError("curve_authorized_keys needs curve_secret_key (the server's CurveZMQ key pair)")
         if self.max_message_bytes < 1:
             raise ConfigError(f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
         if self.hard_limit_bytes is not None and self.hard_limit_bytes < self.max_message_bytes:
@@ -206,8 +212,10 @@ class PolicyServer:
             submit=self.scheduler.submit, listener=self.listener, modality_config=backend.get_modality_config(),
             modality_dims=backend.get_modality_dims(), host=cfg.host, api_token=cfg.api_token,
             max_message_bytes=cfg.max_message_bytes, hard_limit_bytes=cfg.read_limit_bytes, verbose=cfg.verbose,
+            curve_secret_key=cfg.curve_secret_key, curve_authorized_keys=cfg.curve_authorized_keys,
             protocols=tuple(dict.fromkeys(d.protocol for d in self.doors if d.protocol is not None)),
             request_stop=self._request_stop, replicas=lambda: replica_count(backend),
+            capabilities=frozenset(backend.capabilities),
         )
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ class DoorContext:
     """Ask the server to shut down (GR00T's ``kill`` endpoint)."""
     replicas: Callable[[], float] = lambda: 1.0
     """Policy replicas serving now."""
+    curve_secret_key: str | None = None
+    """CurveZMQ secret key file for ZeroMQ doors (see :func:`policyserve.security.curve_server`); None: plain."""
+    curve_authorized_keys: str | None = None
+    """Folder of admitted client public keys for CurveZMQ; None: any client that knows the server's key."""
 
     def authorized(self, token: object) -> bool:
         """True when no token is required or ``token`` equals it (compared in constant time)."""

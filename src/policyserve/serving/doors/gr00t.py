@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from ...errors import PolicyServeError, ProtocolError
+from ...security import CurveServer, curve_server
 from ...wire.gr00t import packb, unpackb
 from ..request import (
     SHUTTING_DOWN, ActionResult, CallResult, Failure, FailureKind, Outcome, Request, error_message,
@@ -108,6 +109,7 @@ class Gr00tDoor(FrontDoor):
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._fds_closed = False
+        self._curve: CurveServer | None = None
 
     # -- endpoints -------------------------------------------------------------------------------
     def register_endpoint(self, name: str, handler: Callable[..., Any], requires_input: bool = True,
@@ -135,6 +137,13 @@ class Gr00tDoor(FrontDoor):
         sock.setsockopt(zmq.MAXMSGSIZE, context.hard_limit_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes it over
+        if context.curve_secret_key is not None:
+            try:
+                self._curve = curve_server(self._zmq, sock, context.curve_secret_key, context.curve_authorized_keys)
+            except BaseException:
+                sock.close(linger=0)
+                self._release()
+                raise
         port = "*" if self.requested_port == 0 else str(self.requested_port)
         host = "*" if self.host in ("0.0.0.0", "*") else self.host
         try:
@@ -180,6 +189,9 @@ class Gr00tDoor(FrontDoor):
                     os.close(fd)
                 except OSError:
                     pass
+        if self._curve is not None:
+            self._curve.stop()
+            self._curve = None
         if self._zmq is not None:
             self._zmq.term()
             self._zmq = None
