@@ -114,7 +114,7 @@ def test_busy_rejections_auth_failures_invalid_and_failed_requests_are_counted()
     try:
         with PolicyClient(port=server.port, timeout_ms=5000, api_token="wrong") as intruder:
             with pytest.raises(UnauthorizedError):
-                intruder.ping()
+                intruder.call_endpoint("ping", requires_input=False)
         with pytest.raises(websockets.InvalidStatus, match="401"):
             WebsocketClientPolicy("127.0.0.1", openpi_port)
         client = WebsocketClientPolicy("127.0.0.1", openpi_port, api_key="tok")

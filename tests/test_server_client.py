@@ -121,8 +121,9 @@ def test_token_required_on_every_endpoint_including_kill():
         with PolicyClient(port=srv.port, timeout_ms=2000) as anonymous, \
                 PolicyClient(port=srv.port, timeout_ms=2000, api_token="wrong") as wrong:
             for c in (anonymous, wrong):
+                assert c.ping() is False  # ping() says False on any failure (issue 17)
                 with pytest.raises(UnauthorizedError, match="Unauthorized"):
-                    c.ping()
+                    c.call_endpoint("ping", requires_input=False)
                 with pytest.raises(UnauthorizedError):
                     c.get_action(franka_observation())
                 with pytest.raises(UnauthorizedError):
