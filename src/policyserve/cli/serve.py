@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
         policy=Flag(help="built-in policy: 'scripted:lift', 'scripted:stack', 'constant'"),
         sim_wrapper=Flag(name="use-sim-policy-wrapper"),
     )
-    server = add_config_flags(p, ServerConfig, ["max_message_bytes"],
+    server = add_config_flags(p, ServerConfig, ["max_message_bytes", "curve_secret_key", "curve_authorized_keys"],
                               max_message_bytes=Flag(name="max-message-mb", scale=MiB, metavar="MiB"))
     scheduler = add_config_flags(
         p, SchedulerConfig, ["max_batch_size", "batch_window_ms", "rejoin_wait_ms", "max_queued_per_client",
@@ -166,7 +166,8 @@ def _describe(args: argparse.Namespace) -> list[str]:
     if args.protocol == "openpi" or args.openpi_port is not None:
         ports.append(f"  openpi port: {args.port if args.openpi_port is None else args.openpi_port}")
     lines += [f"  Host: {args.host}", *ports, f"  Strict: {args.strict}",
-              f"  Auth: {'api token required' if args.api_token else 'none'}"]
+              f"  Auth: {'api token required' if args.api_token else 'none'}"
+              f"{'; CurveZMQ encryption on the GR00T port' if getattr(args, 'curve_secret_key', None) else ''}"]
     return lines
 
 
