@@ -306,13 +306,19 @@ def _sampling_model():
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One scripted lift demo recorded at 16x16 (kept even if it fails) and its LeRobot dataset."""
+    """Two scripted lift demos recorded at 16x16 (kept even if they fail) as demo_0 and demo_5 (a gap), and
+    their LeRobot dataset; ``other.hdf5`` (one other demo) and its dataset next to them."""
     from policyserve.sim.recorder import record_demos
 
     root = tmp_path_factory.mktemp("recorded")
-    record_demos("lift", 1, root / "lift.hdf5", camera_size=(16, 16), seed=0, max_episode_steps=20,
+    record_demos("lift", 2, root / "lift.hdf5", camera_size=(16, 16), seed=0, max_episode_steps=20,
                  keep_failed=True, progress=False)
+    with h5py.File(root / "lift.hdf5", "a") as f:
+        f.move("data/demo_1", "data/demo_5")
     convert_hdf5_to_lerobot(root / "lift.hdf5", root / "dataset", progress=False)
+    record_demos("lift", 1, root / "other.hdf5", camera_size=(16, 16), seed=3, max_episode_steps=25,
+                 keep_failed=True, progress=False)
+    convert_hdf5_to_lerobot(root / "other.hdf5", root / "other_dataset", progress=False)
     return root / "lift.hdf5", root / "dataset"
 
 
@@ -370,3 +376,53 @@ def test_compare_and_rollout_refuse_a_flag_that_conflicts_with_the_hdf5(recorded
         assert len(lines) == 1 and lines[0].startswith("error: ") and conflict in lines[0], lines
         assert f"conflicts with {hdf5}, recorded with" in lines[0] and "(env_args)" in lines[0]
         assert not out.exists()  # nothing written
+
+
+# ------------------------------------------------------------------------------ identity checks in compare/rollout
+def _rollout_config(hdf5: Path, demos: list[int], **kwargs):
+    from policyserve.client.driver import DriverConfig
+    from policyserve.eval.envs import EnvConfig
+    from policyserve.eval.rollout import RolloutConfig
+
+    return RolloutConfig(env=EnvConfig(task="lift", camera_size=(16, 16)), driver=DriverConfig(n_action_steps=4),
+                         n_episodes=len(demos), n_envs=len(demos), max_episode_steps=6, hdf5_path=str(hdf5),
+                         demo_indices=demos, progress=False, **kwargs)
+
+
+@pytest.mark.sim
+def test_rollout_from_demo_n_replays_demo_n_also_with_gaps(recorded, serve, tmp_path: Path) -> None:
+    from policyserve.eval.identity import IdentityError
+    from policyserve.eval.rollout import run_rollout
+
+    hdf5, dataset = recorded
+    replay = serve(make_replay_policy(dataset, 4, embodiment_tag="franka_panda"))
+    report = run_rollout(replay.client, _rollout_config(hdf5, [5, 0]), report_path=tmp_path / "r.json")
+    assert [e.demo_index for e in report.episodes] == [5, 0]  # demo_5 is episode 1: found through the demo map
+    other = serve(make_replay_policy(hdf5.parent / "other_dataset", 4, embodiment_tag="franka_panda"))
+    with pytest.raises(IdentityError, match=rf"serves the dataset converted from {hdf5.parent / 'other.hdf5'}, not "
+                                            rf"from {hdf5}"):
+        run_rollout(other.client, _rollout_config(hdf5, [0]), report_path=tmp_path / "wrong.json")
+    assert not (tmp_path / "wrong.json").exists()
+
+
+@pytest.mark.sim
+def test_compare_refuses_a_replay_of_another_dataset_naming_both_files(recorded, serve, tmp_path: Path,
+                                                                      capsys) -> None:
+    from policyserve.cli.main import main as cli_main
+
+    hdf5, dataset = recorded
+    model = serve(_sampling_model())
+    other = serve(make_replay_policy(hdf5.parent / "other_dataset", 1, embodiment_tag="franka_panda"))
+    argv = ["compare", "--hdf5-path", str(hdf5), "--model-port", str(model.port), "--replay-port", str(other.port),
+            "--max-steps", "3", "--quiet", "--output", str(tmp_path / "cmp")]
+    assert cli_main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the replay server tcp://127.0.0.1:"), lines
+    assert f"serves the dataset converted from {hdf5.parent / 'other.hdf5'}, not from {hdf5}" in lines[0]
+    assert not (tmp_path / "cmp").exists()  # nothing written
+    replay = serve(make_replay_policy(dataset, 1, embodiment_tag="franka_panda"))
+    argv[argv.index(str(other.port))] = str(replay.port)
+    assert cli_main([*argv, "--demo-index", "5", "--no-video"]) == 0  # the right replay server: demo_5 compared
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["summary"]["demo_length"] == DemoFile(hdf5).length(5)
+    assert set(saved["summary"]["action_divergence_per_key"]) == {"arm", "gripper"}

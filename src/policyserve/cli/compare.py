@@ -35,6 +35,7 @@ def register(sub: Any) -> None:
                        description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     dests = add_config_flags(
         p, defaults, ["hdf5_path", "demo_index", "start_step", "max_steps", "eef_threshold", "action_threshold",
+                      "action_window",
                       "output_dir", "video"],
         hdf5_path=Flag(required=True, help="recorded demos (policyserve record)"),
         demo_index=Flag(default=None, help="the demo to compare (default 0)"),
@@ -50,7 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="the comparison's seed: the model policy gets it as its seed unless --policy-seed (default 0)")
     add_api_token(p)
-    flags = EvalFlags(p, defaults.env, defaults.driver)
+    from ..eval.envs import EnvConfig
+
+    flags = EvalFlags(p, defaults.env or EnvConfig(), defaults.driver)
     dests.update(add_progress(p, defaults))
     ray = add_ray_arguments(p, "demo comparisons (with --all-demos)")
     p.set_defaults(func=lambda args: run(args, flags, dests, ray), error_hint=unavailable_server_hint(
@@ -107,10 +110,11 @@ def print_comparison(result: Any) -> None:
     """Human summary of a :class:`~policyserve.eval.compare.ComparisonResult`."""
     s = result.summary()
     div = "none" if s["divergence_step"] is None else s["divergence_step"]
-    print(f"compared {s['steps']} steps: eef divergence step {div}, action divergence step "
-          f"{'none' if s['action_divergence_step'] is None else s['action_divergence_step']}, max action diff "
-          f"{s['max_action_diff']:.4f}, max eef distance {s['max_eef_distance']:.4f} m, success model "
-          f"{s['success_model']} replay {s['success_replay']}")
+    steps = ", ".join(f"{k} {'none' if v is None else v}" for k, v in s["action_divergence_per_key"].items())
+    diffs = ", ".join(f"{k} {v:.4f}" for k, v in s["max_action_diff_per_key"].items())
+    print(f"compared {s['steps']} steps: eef divergence step {div}, max eef distance {s['max_eef_distance']:.4f} m; "
+          f"action divergence step {steps or 'none'}; max action diff {diffs or 'none'}; success model "
+          f"{s['success_model']} replay {s['success_replay']}; policy seed {s['policy_seed']}")
     for kind, path in result.files.items():
         print(f"  {kind}: {path}")
 

@@ -211,9 +211,12 @@ def print_result(result: DemoResult, wall_s: float) -> None:
     c, e = result.comparison, result.evaluation
     print("\n=== policyserve demo finished in %.0f s ===" % wall_s)
     print(f"model: {result.model_kind}")
+    steps = ", ".join(f"{k} {v}" for k, v in (c.get("action_divergence_per_key") or {}).items())
+    diffs = ", ".join(f"{k} {v:.4f}" for k, v in (c.get("max_action_diff_per_key") or {}).items())
     print(f"comparison: {c.get('steps')} steps, eef divergence step {c.get('divergence_step')}, "
-          f"action divergence step {c.get('action_divergence_step')}, max action diff "
-          f"{c.get('max_action_diff', 0):.4f}, success model {c.get('success_model')} replay {c.get('success_replay')}")
+          f"action divergence step {steps or None}, max action diff {diffs or None}, success model "
+          f"{c.get('success_model')} replay {c.get('success_replay')}")
+    print(f"seeds: {result.seeds}")
     print(f"evaluation: {e.get('summary')}")
     labels = {"comparison_plot": "comparison plot", "comparison_video": "comparison video",
               "comparison_json": "comparison traces (JSON)", "comparison_csv": "comparison traces (CSV)",

@@ -5,10 +5,15 @@ Env 0 is driven by the model policy, env 1 by the replay policy (reset to ``demo
 its own episode also when the HDF5 file has gaps), each through its own
 :class:`~policyserve.client.driver.PolicyDriver`. The replay side follows the execution horizon the replay
 reports in its replies, whatever it was started with. The replay policy must say ``"replay": True`` in its
-replies and the model policy must not, so swapped servers fail with a clear error. Both envs start from the
-demo's recorded sim state at ``start_step``. Per step the comparison records both actions, their difference
-per action key, both end-effector positions and both envs' success; it writes the traces as JSON and CSV, a
-figure of action dimensions and eef trajectories with the first divergence marked, and a side-by-side video.
+replies and the model policy must not, so swapped servers fail with a clear error, and the replay must serve
+the dataset converted from ``hdf5_path`` (:func:`~policyserve.eval.identity.check_replay_identity`: the source
+file, the demo, its length and the first action), else an :class:`~policyserve.eval.identity.IdentityError`
+naming both files. Nothing is written before these checks pass. The env's task and camera size are the ones
+the HDF5 file records unless given (a conflicting one is an error). Both envs start from the demo's recorded
+sim state at ``start_step``. Per step the comparison records both actions, their difference per action key,
+both end-effector positions and both envs' success; the action divergence is judged per action key
+(:mod:`~policyserve.eval.divergence` states the rule). It writes the traces as JSON and CSV, a figure of action
+dimensions and eef trajectories with the first divergence marked, and a side-by-side video.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from typing import Any
 import numpy as np
 
 from ..client.driver import DriverConfig, PolicyDriver
+from ..data.demos import DemoFile
 from ..data.video import VideoWriter
 from ..errors import ConfigError, ValidationError
 from ..policies.base import BasePolicy
 from ..sim.vector import EnvBatch
+from .divergence import ACTION_WINDOW, divergence_steps, first_step, max_diff_per_key
 from .envs import EnvConfig, make_envs
 from .frames import compose_frame
+from .identity import check_replay_identity, demo_env_settings, demo_reset_options, warn_camera_size
 from .rollout import config_dict
 
 SIDES = ("model", "replay")
@@ -47,7 +55,8 @@ class PolicyRoleError(ConfigError):
 class ComparisonConfig:
     """Which demo state to start from, how long to run and where to write the outputs."""
 
-    env: EnvConfig = field(default_factory=lambda: EnvConfig(task="stack"))
+    env: EnvConfig | None = None
+    """The envs' task and camera size; default: the ones ``hdf5_path`` records (given ones must agree with it)."""
     driver: DriverConfig = field(default_factory=lambda: DriverConfig(n_action_steps=1))
     """How the model side runs (``n_action_steps`` model actions per model query, key map, options, async)."""
     hdf5_path: str = ""
@@ -61,7 +70,10 @@ class ComparisonConfig:
     eef_threshold: float = 0.02
     """Metres between the two end effectors that count as diverged."""
     action_threshold: float = 0.1
-    """Largest absolute action difference that counts as diverged."""
+    """Action difference (per dimension of an action key) that counts as a divergence when it persists over
+    ``action_window`` steps on average (the rule: policyserve.eval.divergence)."""
+    action_window: int = ACTION_WINDOW
+    """Steps over which an action difference must persist on average to count as a divergence (1: any step)."""
     output_dir: str | None = None
     """Folder for the traces (JSON, CSV), the figure and the video (nothing written without it)."""
     video: bool = True
@@ -103,6 +115,18 @@ class ComparisonResult:
     first_obs_diff: dict[str, float | None] = field(default_factory=dict)
     """Model side: max |first observation - the demo's recorded one at start_step| per recorded key (None where
     the shapes differ, e.g. another camera size); zero when the restore is exact."""
+    action_divergence_per_key: dict[str, int | None] = field(default_factory=dict)
+    """Per action key, the first step the model's actions diverge from the replay's (None: never)."""
+    demo_length: int | None = None
+    """Samples of the demo in the HDF5 file."""
+    demo_split: str | None = None
+    """The split ("train"/"eval") of the demo's episode in the replayed dataset, as the replay reports it."""
+
+    @property
+    def max_action_diff_per_key(self) -> dict[str, float]:
+        """Largest |model - replay| action difference per action key over the compared steps."""
+        return max_diff_per_key(np.array([s.model_action for s in self.steps], dtype=np.float64),
+                                np.array([s.replay_action for s in self.steps], dtype=np.float64), self.action_dims)
 
     @property
     def max_action_diff(self) -> float:
@@ -117,10 +141,15 @@ class ComparisonResult:
             "steps": len(self.steps),
             "divergence_step": self.divergence_step,
             "action_divergence_step": self.action_divergence_step,
+            "action_divergence_per_key": dict(self.action_divergence_per_key),
             "max_action_diff": self.max_action_diff,
+            "max_action_diff_per_key": self.max_action_diff_per_key,
             "max_eef_distance": self.max_eef_distance,
             "success_model": any(s.success_model for s in self.steps),
             "success_replay": any(s.success_replay for s in self.steps),
+            "demo_length": self.demo_length,
+            "demo_split": self.demo_split,
+            "policy_seed": (self.config.get("action_options") or {}).get("seed"),
             "seconds": self.seconds,
         }
 
@@ -136,36 +165,14 @@ class ComparisonResult:
         return path
 
 
-def hdf5_demo_indices(hdf5_path: str | Path) -> list[int]:
-    """The indices N of the ``data/demo_N`` groups of a recorded HDF5 file, sorted."""
-    import h5py
+def resolve_env(config: ComparisonConfig, demos: DemoFile) -> EnvConfig:
+    """``config.env`` checked against the task and camera size ``demos`` records, or built from them."""
+    from dataclasses import replace
 
-    path = Path(hdf5_path)
-    if not path.is_file():
-        raise ConfigError(f"HDF5 demo file not found: {path}")
-    with h5py.File(path, "r") as f:
-        data = f.get("data")
-        return sorted(int(k[5:]) for k in (data.keys() if data is not None else []) if k.startswith("demo_")
-                      and k[5:].isdigit())
-
-
-def check_demo_range(hdf5_path: str | Path, demo_index: int, start_step: int) -> int:
-    """Number of samples of ``demo_<demo_index>``; :class:`ConfigError` naming the valid range otherwise."""
-    import h5py
-
-    path = Path(hdf5_path)
-    demos = hdf5_demo_indices(path)
-    with h5py.File(path, "r") as f:
-        data = f.get("data")
-        if demo_index not in demos:
-            have = f"demo indices {demos[0]}..{demos[-1]}" if demos else "no demos"
-            raise ConfigError(f"demo index {demo_index} is out of range: {path} has {have} ({len(demos)} demos)")
-        demo = data[f"demo_{demo_index}"]
-        length = int(demo.attrs.get("num_samples", len(demo["actions"])))
-    if not 0 <= start_step < length:
-        raise ConfigError(f"start step {start_step} is out of range for demo_{demo_index} "
-                          f"({length} steps: valid start steps are 0..{length - 1})")
-    return length
+    env = config.env or EnvConfig()
+    task, size = demo_env_settings(demos, None if config.env is None else env.task,
+                                   None if config.env is None else env.camera_size)
+    return replace(env, task=task, camera_size=size or env.camera_size)
 
 
 class _Side:
@@ -239,9 +246,13 @@ def _check_roles(model: _Side, replay: _Side) -> None:
 def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConfig,
                    envs: tuple[Any, Any] | None = None) -> ComparisonResult:
     """Run the comparison; writes traces/figure/video under ``config.output_dir`` when set."""
-    from ..sim.recorder import load_demo_obs, load_demo_state
+    from dataclasses import replace
 
-    length = check_demo_range(config.hdf5_path, config.demo_index, config.start_step)
+    demos = DemoFile(config.hdf5_path)
+    length = demos.check_step(config.demo_index, config.start_step)
+    config = replace(config, env=resolve_env(config, demos))
+    assert config.env is not None
+    warn_camera_size(config.env.camera_size, model)
     max_steps = config.max_steps or (length - config.start_step)
     replay_config = DriverConfig(n_action_steps=1, key_map=config.driver.key_map)
     video_keys = [k for policy in (model, replay) for k in policy.get_modality_config()["video"].modality_keys]
@@ -259,15 +270,15 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
     try:
         sides.append(_Side("model", model, batch, 0, config.driver))
         sides.append(_Side("replay", replay, batch, 1, replay_config))
-        state = load_demo_state(config.hdf5_path, config.demo_index, config.start_step)
-        reset_options = {"demo_index": config.demo_index, "step_index": config.start_step}
+        state = demos.state(config.demo_index, config.start_step)
+        reset_options = demo_reset_options(config.demo_index, config.start_step)
         for side in sides:
             side.start(state, reset_options)
-        first_obs_diff = observation_diff(sides[0].obs,
-                                          load_demo_obs(config.hdf5_path, config.demo_index, config.start_step))
+        first_obs_diff = observation_diff(sides[0].obs, demos.observation(config.demo_index, config.start_step))
         if out is not None and config.video:
             writer = VideoWriter(out / "comparison.mp4", fps=config.fps)
         records: list[StepRecord] = []
+        split: Any = None
         bar = None
         if config.progress:
             from tqdm.auto import tqdm
@@ -278,6 +289,9 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
                 actions = [side.next_action() for side in sides]
                 if t == 0:
                     _check_roles(*sides)
+                    check_replay_identity(demos, config.demo_index, config.start_step, sides[1].driver.last_info,
+                                          actions[1], sides[1].where)
+                    split = sides[1].driver.last_info.get("demo_split")
                 eefs = [np.asarray(side.obs["eef_pos"], dtype=np.float64) for side in sides]
                 _write_frame(writer, sides, config, t)
                 for side, action in zip(sides, actions):
@@ -297,11 +311,14 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             side.close()
         if own_envs:
             batch.close()
+    per_key = divergence_steps(np.array([r.model_action for r in records], dtype=np.float64),
+                               np.array([r.replay_action for r in records], dtype=np.float64), dims,
+                               config.action_threshold, config.action_window)
     result = ComparisonResult(
-        records, list(dims), dims,
-        _first([r.eef_distance for r in records], config.eef_threshold),
-        _first([max(r.action_diff.values(), default=0.0) for r in records], config.action_threshold),
-        config_dict(config), seconds=time.perf_counter() - started, first_obs_diff=first_obs_diff,
+        records, list(dims), dims, _first([r.eef_distance for r in records], config.eef_threshold),
+        first_step(per_key), config_dict(config), seconds=time.perf_counter() - started,
+        first_obs_diff=first_obs_diff, action_divergence_per_key=per_key, demo_length=length,
+        demo_split=split if isinstance(split, str) else None,
     )
     if out is not None:
         result.files = save_outputs(result, out)

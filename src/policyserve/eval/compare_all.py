@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
 from ..data.demos import DemoFile
-from .compare import ComparisonConfig, ComparisonResult, run_comparison
+from .compare import ComparisonConfig, ComparisonResult, resolve_env, run_comparison
 from .divergence import ACTION_WINDOW, divergence_steps, max_diff_per_key
 from .rollout import config_dict
 
@@ -161,6 +161,7 @@ def run_all_comparisons(model: BasePolicy, replay: BasePolicy, config: Compariso
     """The comparison of every demo (or ``demo_indices``) in this process, one after another; per-demo outputs
     go to ``<config.output_dir>/demo_<N>/`` and the aggregate report to ``config.output_dir``."""
     demos = prepare_demos(config, demo_indices)
+    config = replace(config, env=resolve_env(config, DemoFile(config.hdf5_path)))
     out = Path(config.output_dir) if config.output_dir else None
     rows = []
     bar = None

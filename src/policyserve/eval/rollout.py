@@ -6,10 +6,13 @@ together in this process by one :class:`~policyserve.client.driver.PolicyDriver`
 optional temporal ensembling or async inference). Episode ``k`` (0-based) is seeded ``seed + k`` (or starts
 from demo ``demo_indices[k]``'s recorded initial state), whichever env runs it, and episodes are handed to
 envs as they free up until exactly ``n_episodes`` have run. An env that finishes is reset at once and the
-driver resets the policy for that env only (``{"env_ids": [i]}``, plus ``episode_index``/``step_index`` when
-replaying demos), so stateful policies (replay, scripted experts) start each episode fresh without disturbing
-the other envs. Every env's chunks follow its own episode, so in sync mode a deterministic policy gives the
-same per-episode results for any ``n_envs``.
+driver resets the policy for that env only (``{"env_ids": [i]}``, plus ``demo_index``/``step_index`` when
+starting from demos), so stateful policies (replay, scripted experts) start each episode fresh without
+disturbing the other envs. A replay that answers an episode started from demo N must serve demo N of the
+dataset converted from ``hdf5_path`` (:func:`~policyserve.eval.identity.check_replay_identity`), and the env's
+task and camera size must agree with the ones the file records. Every env's chunks follow its own episode, so
+in sync mode a deterministic policy (or a sampling one given a seed in the driver's ``action_options``) gives
+the same per-episode results for any ``n_envs``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from typing import Any
 import numpy as np
 
 from ..client.driver import DriverConfig, PolicyDriver
+from ..data.demos import DemoFile
 from ..data.video import VideoWriter
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
 from ..sim.vector import EnvBatch
 from .envs import EnvConfig, make_envs
+from .identity import check_replay_identity, demo_env_settings, demo_reset_options, warn_camera_size
 from .frames import compose_frame
 
 
@@ -53,7 +58,7 @@ class RolloutConfig:
     """Recorded demos (HDF5) whose initial states the episodes start from."""
     demo_indices: list[int] | None = None
     """With ``hdf5_path``: episode k starts from demo ``demo_indices[k % len]``'s initial state, and the policy
-    is reset with that ``episode_index`` (a replay server then replays that demo)."""
+    is reset with that ``demo_index`` (a replay server then replays that demo, found through its demo map)."""
     shared_initial_states: bool = True
     """Draw each episode's initial state from one template env (``reset(seed=seed + k)``, then restored into
     the worker env): robosuite draws object sizes when an env is built, so separate env instances differ;
@@ -153,6 +158,8 @@ class RolloutReport:
             "episodes": [e.to_dict() for e in self.episodes],
             "timing": self.timing,
             "config": self.config,
+            "seeds": {"episodes": f"{self.config.get('seed')} + k",
+                      "policy": (self.config.get("action_options") or {}).get("seed")},
         }
 
     def save_json(self, path: str | Path) -> Path:
@@ -168,12 +175,13 @@ class RolloutReport:
 
 
 def config_dict(*configs: Any) -> dict[str, Any]:
-    """The fields of evaluation configs as one flat JSON-ready dict (env and driver fields inlined)."""
+    """The fields of evaluation configs as one flat JSON-ready dict (env and driver fields inlined; an env left
+    to be resolved from the data adds none)."""
     data: dict[str, Any] = {}
     for config in configs:
         for key, value in asdict(config).items():
             if key in ("env", "driver"):
-                data.update(value)
+                data.update(value or {})
             else:
                 data[key] = value
     return data
@@ -217,6 +225,9 @@ class RolloutRunner:
         self.env_time = 0.0
         self.env_steps = 0
         self.bar: Any = None
+        self.demos = DemoFile(config.hdf5_path) if config.demo_indices and config.hdf5_path else None
+        self.unchecked: dict[int, int] = {}
+        """Env -> the demo its new episode started from, until the policy's first reply for it was checked."""
 
     def start_episode(self, env_id: int) -> None:
         """Give env ``env_id`` the next queued episode (reset it and the driver for it), or mark it idle."""
@@ -229,12 +240,11 @@ class RolloutRunner:
         seed = cfg.seed + k
         demo = None
         t0 = time.perf_counter()
-        if cfg.demo_indices:
-            from ..sim.recorder import load_demo_state
-
+        if self.demos is not None and cfg.demo_indices:
             demo = cfg.demo_indices[k % len(cfg.demo_indices)]
-            info = self.envs.reset(env_id, seed=seed, state=load_demo_state(cfg.hdf5_path, demo, 0))
-            self.driver.reset([env_id], {"episode_index": demo, "step_index": 0})
+            info = self.envs.reset(env_id, seed=seed, state=self.demos.state(demo, 0))
+            self.driver.reset([env_id], demo_reset_options(demo, 0))
+            self.unchecked[env_id] = demo
         else:
             if self.template is not None:
                 self.template.reset(seed=seed)
@@ -302,9 +312,22 @@ class RolloutRunner:
         if not any(active):
             return False
         actions = self.driver.act(self.envs.observation(self.keys), active)
+        for env_id in [i for i in self.unchecked if active[i]]:
+            self._check_replay(env_id, actions[env_id])
         for env_id in np.flatnonzero(active):
             self.step_env(int(env_id), actions[env_id])
         return True
+
+    def _check_replay(self, env_id: int, action: np.ndarray) -> None:
+        """A replay's first reply for env ``env_id``'s new episode must replay the demo it started from."""
+        demo = self.unchecked.pop(env_id)
+        info = self.driver.last_info
+        if info.get("replay") is not True or self.demos is None:
+            return  # a model: nothing replays the demo
+        steps = info.get("current_step")
+        step = steps[env_id] if isinstance(steps, list) and len(steps) > env_id else steps
+        where = str(getattr(self.driver.policy, "address", type(self.driver.policy).__name__))
+        check_replay_identity(self.demos, demo, 0, info, action if step == 0 else None, where, env=env_id)
 
     def run(self, episodes: Sequence[int]) -> list[EpisodeResult]:
         """Run ``episodes`` (indices) to the end, envs taking the next one as they free up; sorted results."""
@@ -356,6 +379,12 @@ def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *,
                 envs: Sequence[Any] | EnvBatch | None = None, owns_policy: bool = False) -> Iterator[RolloutRunner]:
     """A :class:`RolloutRunner` over ``n_envs`` envs built from ``config`` (or the given ``envs``); closes the
     envs it built and the driver (and the policy with ``owns_policy``) on exit."""
+    if config.demo_indices and config.hdf5_path:
+        demos = DemoFile(config.hdf5_path)
+        demo_env_settings(demos, config.env.task, config.env.camera_size)  # a conflicting task or size: an error
+        for demo in dict.fromkeys(config.demo_indices):
+            demos.check_step(demo, 0)
+    warn_camera_size(config.env.camera_size, policy)
     driver = PolicyDriver(policy, n_envs, config.driver, owns_policy=owns_policy)
     own_envs: list[Any] = []
     try:
