@@ -31,7 +31,6 @@ from ..errors import ConfigError
 from ..registry import get_modality_configs, load_modality_config_file, parse_modality_configs
 from ..types import EmbodimentTag, ModalityConfigs, ModalityDims
 from .base import Action, ActionRequest, BasePolicy, Info, Observation
-from .validation import action_horizon
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class ReplayPolicy(BasePolicy):
         self.action_keys = list(self.modality_configs["action"].modality_keys)
         if not self.action_keys:
             raise ConfigError("the action modality config lists no keys; nothing to replay")
-        self.action_horizon = action_horizon(self.modality_configs["action"])
+        self.action_horizon = self.modality_configs["action"].span
         if execution_horizon is None:
             execution_horizon = self.action_horizon
         if isinstance(execution_horizon, bool) or not isinstance(execution_horizon, int) or execution_horizon < 1:
