@@ -156,14 +156,20 @@ def test_unknown_reset_options_are_refused_and_change_nothing(files, serve) -> N
     assert set(RESET_OPTIONS) >= set(demo_reset_options(0))
 
 
-def test_a_dataset_without_modality_json_says_which_keys_it_derived(tmp_path: Path) -> None:
-    writer = LeRobotWriter(tmp_path / "ds", fps=10)
+def _derived_dataset(path: Path) -> Path:
+    """A dataset without meta/modality.json whose info.json declares a camera that has no video files."""
+    writer = LeRobotWriter(path, fps=10)
     writer.add_episode(0, {"action": np.zeros((5, 3)), "observation.state": np.zeros((5, 2))}, tasks=["t"])
     writer.finish()
-    assert not (tmp_path / "ds/meta/modality.json").exists()
-    info = json.loads((tmp_path / "ds/meta/info.json").read_text())  # a camera declared, but no video files
+    assert not (path / "meta/modality.json").exists()
+    info = json.loads((path / "meta/info.json").read_text())
     info["features"]["observation.images.side"] = {"dtype": "video", "shape": [8, 8, 3]}
-    (tmp_path / "ds/meta/info.json").write_text(json.dumps(info))
+    (path / "meta/info.json").write_text(json.dumps(info))
+    return path
+
+
+def test_a_dataset_without_modality_json_says_which_keys_it_derived(tmp_path: Path) -> None:
+    _derived_dataset(tmp_path / "ds")
     policy = make_replay_policy(tmp_path / "ds", 1)
     banner = "\n".join(policy.describe())
     assert "DERIVED from meta/info.json features (no meta/modality.json" in banner
@@ -426,3 +432,12 @@ def test_compare_refuses_a_replay_of_another_dataset_naming_both_files(recorded,
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert saved["summary"]["demo_length"] == DemoFile(hdf5).length(5)
     assert set(saved["summary"]["action_divergence_per_key"]) == {"arm", "gripper"}
+
+
+def test_serve_banner_says_a_replay_derived_its_keys(tmp_path: Path) -> None:
+    from serve_process import serve_process
+
+    with serve_process("--dataset-path", str(_derived_dataset(tmp_path / "ds"))) as (proc, _):
+        banner = proc.banner
+    assert "Keys: DERIVED from meta/info.json features (no meta/modality.json" in banner
+    assert "Cameras left out (no video files): ['side']" in banner

@@ -197,7 +197,10 @@ def run(args: argparse.Namespace, spec_dests: dict[str, str], server_dests: dict
         if backend is not None:
             for line in backend.describe():
                 print(line, flush=True)
-        server = PolicyServer(None if backend else spec.build(), backend=backend, port=None, config=config)
+        policy = None if backend else spec.build()
+        for line in policy.describe() if hasattr(policy, "describe") else []:  # a replay: where its keys come from
+            print(line, flush=True)
+        server = PolicyServer(policy, backend=backend, port=None, config=config)
         for door in doors:
             server.add_front_door(door)
         server.bind()
