@@ -37,6 +37,14 @@ def start(policy, **kwargs) -> tuple[PolicyServer, int, int]:
     return server, openpi.port, metrics.port  # type: ignore[return-value]
 
 
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Wait (bounded) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
 def scrape(port: int) -> list:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return [s for family in text_string_to_metric_families(response.read().decode()) for s in family.samples]
@@ -107,8 +115,24 @@ def test_scrape_during_load_counts_requests_latencies_and_batches():
         server.stop(10)
 
 
+class GatedPolicy(SlowPolicy):
+    """A policy whose calls wait while ``gate`` is clear; ``entered`` counts the calls that started."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = 0
+
+    def _get_action(self, observation, options=None):
+        with self.lock:
+            self.entered += 1
+        assert self.gate.wait(30), "gate never opened"
+        return super()._get_action(observation, options)
+
+
 def test_busy_rejections_auth_failures_invalid_and_failed_requests_are_counted():
-    policy = SlowPolicy(delay=0.3)
+    policy = GatedPolicy()
     server, openpi_port, metrics_port = start(policy, api_token="tok", max_queued_per_client=1)
     dealer = Dealer(server.port)
     try:
@@ -128,11 +152,19 @@ def test_busy_rejections_auth_failures_invalid_and_failed_requests_are_counted()
 
         body = packb({"endpoint": "get_action", "data": {"observation": franka_observation(batch=1)},
                       "api_token": "tok"})
-        for _ in range(4):  # one runs, one queues, two are refused
+        policy.gate.clear()  # the policy call now waits for the gate: no race with the worker
+        entered = policy.entered
+        dealer.sock.send_multipart([body])  # one runs: wait until the policy has it
+        wait_for(lambda: policy.entered > entered, "the first request reaches the policy")
+        dealer.sock.send_multipart([body])  # one queues
+        wait_for(lambda: server.scheduler.queued == 1, "the second request is queued")
+        for _ in range(2):  # two are refused at once
             dealer.sock.send_multipart([body])
-        replies = [dealer.recv() for _ in range(4)]
-        busy = [r for r in replies if isinstance(r, dict) and "server busy" in r.get("error", "")]
-        assert len(busy) == 2
+        busy = [dealer.recv() for _ in range(2)]
+        assert all("server busy" in r.get("error", "") for r in busy), busy
+        policy.gate.set()
+        replies = [dealer.recv() for _ in range(2)]
+        assert all(isinstance(r, list) for r in replies), replies
 
         samples = scrape(metrics_port)
         assert value(samples, "policyserve_auth_failures_total", protocol="gr00t") == 1
