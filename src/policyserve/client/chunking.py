@@ -45,6 +45,7 @@ class _Chunk:
     start: int
     actions: np.ndarray
     window: int
+    source: int = 0
 
     @property
     def end(self) -> int:
@@ -55,6 +56,7 @@ class _Chunk:
 class _EnvQueue:
     t: int = 0
     chunks: list[_Chunk] = field(default_factory=list)
+    source: int = -1
 
 
 class ActionChunker:
@@ -91,12 +93,27 @@ class ActionChunker:
                 covered = chunk.end
         return covered - q.t
 
+    def source(self, env_id: int) -> int:
+        """The ``source`` of the chunk env ``env_id``'s latest action came from (the newest one when ensembling;
+        -1 before any)."""
+        return self._queues[env_id].source
+
+    def newest(self, env_id: int) -> tuple[int, np.ndarray] | None:
+        """The newest chunk of env ``env_id`` as (step it starts at, actions (H, D)); None when it has none."""
+        chunks = self._queues[env_id].chunks
+        return (chunks[-1].start, chunks[-1].actions) if chunks else None
+
+    def skip(self, env_id: int) -> None:
+        """Advance env ``env_id``'s clock by one step without executing an action (it held still)."""
+        self._queues[env_id].t += 1
+
     def set_chunks(self, chunks: np.ndarray, env_ids: Sequence[int], start_steps: Sequence[int] | None = None,
-                   window: int | None = None) -> None:
+                   window: int | None = None, source: int = 0) -> None:
         """Add chunk ``chunks[i]`` (H, D) for each env ``i`` in ``env_ids`` (rows indexed by env id).
 
         ``start_steps[i]`` is the env step the chunk was computed for (default: the env's current step);
-        ``window`` the actions to execute before the next query (default ``n_action_steps``).
+        ``window`` the actions to execute before the next query (default ``n_action_steps``); ``source``
+        labels the chunk (e.g. the reply's number, see :meth:`source`).
         """
         chunks = np.asarray(chunks)
         if chunks.ndim != 3:
@@ -118,7 +135,7 @@ class ActionChunker:
                 raise ChunkSyncError(f"env {i}: the policy answered the chunk for step {start} but the env is at step "
                                      f"{q.t} with actions only up to step {covered - 1}")
             q.chunks = [c for c in q.chunks if c.end > q.t]
-            q.chunks.append(_Chunk(start, chunks[i].copy(), window))
+            q.chunks.append(_Chunk(start, chunks[i].copy(), window, source))
 
     def pop(self, env_id: int) -> np.ndarray:
         """The action for env ``env_id``'s current step (advances its clock)."""
@@ -135,5 +152,6 @@ class ActionChunker:
         if self.config.ensemble_coef is None:
             newest = live[-1]
             q.chunks = [c for c in q.chunks if c is newest or c.start > newest.start]
+        q.source = live[-1].source
         q.t += 1
         return action

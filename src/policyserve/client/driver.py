@@ -21,12 +21,38 @@ than the rest of a chunk).
 Replies that say which step their chunk starts at (a replay policy's ``info["current_step"]``, relative to
 the step its last reset reported) are aligned by it, and a reply's ``info["execution_horizon"]`` replaces
 ``n_action_steps``: a replay server is followed in step whatever its execution horizon.
+
+Execution modes (``DriverConfig.execution``) and inference delay in simulated time
+(``DriverConfig.inference_delay_steps = d``): a query made at env step t is answered at step t + d,
+deterministically, whatever the real latency (the query runs at once; its reply is held back d steps).
+One query is in flight at a time; a query goes out when an env has used its ``n_action_steps`` window.
+
+- ``sync``: the env holds still while it waits (steps t .. t + d - 1), then executes the new chunk from its
+  first action. "Holding still" repeats the env's last action, with ``hold_zero_dims`` set to 0: for
+  absolute targets (joint or end-effector poses) repeating the last target holds the pose; for delta
+  commands (policyserve's Franka envs: dims 0-5 are end-effector deltas) those dims must be 0.
+- ``async`` (naive): the env keeps executing its current chunk (past its window) and switches to the new
+  chunk at t + d, dropping the new chunk's first d actions.
+- ``ensemble``: as ``async``, every action the weighted mean of the chunks that predicted it
+  (``ensemble_coef``, default 0.01).
+- ``rtc``: as ``async``, and each query carries every env's committed actions (the rest of its current
+  chunk), the delay and ``n_action_steps`` as the execution horizon (``options["rtc"]``), so the server
+  inpaints the new chunk to continue them (real-time chunking). A policy without the ``"rtc"`` capability,
+  or a server that refuses the option, makes the driver fall back to ``async`` with one warning.
+
+With ``inference_delay_steps=None`` (wall clock), ``async``/``ensemble``/``rtc`` run the query on a worker
+thread (``async_inference``); ``rtc`` then sends the delay estimated as the measured round trip over the
+control period (``control_period_s``, or the measured time between :meth:`PolicyDriver.act` calls).
+``last_sources`` says which reply each env's latest action came from (negative: holding still), for
+smoothness metrics.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,9 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ValidationError
+from ..errors import ConfigError, ServerError, ValidationError
 from ..policies.base import BasePolicy
-from .adapter import EnvPolicyAdapter
+from .adapter import EnvPolicyAdapter, to_numpy
 from .chunking import ActionChunker, ChunkingConfig
 from .connect import connect_policy
 from .keymap import KeyMap, key_map_template
@@ -60,14 +86,45 @@ class DriverConfig:
     async_threshold: int | None = None
     """Async: send the next query when an env has at most this many actions left in its window
     (default ``n_action_steps // 2``)."""
+    execution: str = "sync"
+    """How chunks are executed while a query is answered: sync (hold still and wait), async (keep executing the
+    current chunk, switch when the reply arrives), ensemble (async with temporal ensembling) or rtc (async, the
+    server inpaints the committed actions: real-time chunking; falls back to async when it cannot)."""
+    inference_delay_steps: int | None = None
+    """Answer each query this many env steps after it is made, in simulated time (None: wall clock)."""
+    hold_zero_dims: tuple[int, ...] = ()
+    """Action dims set to 0 while an env holds still (delta commands); the others repeat the last action."""
+    control_period_s: float | None = None
+    """Wall clock, rtc: the env's control period for estimating the delay (default: measured between acts)."""
 
     def __post_init__(self) -> None:
+        if self.execution not in EXECUTION_MODES:
+            raise ConfigError(f"execution must be one of {list(EXECUTION_MODES)}, got {self.execution!r}")
+        if self.async_inference and self.execution == "sync":
+            self.execution = "async"
+        if self.execution == "ensemble" and self.ensemble_coef is None:
+            self.ensemble_coef = DEFAULT_ENSEMBLE_COEF
+        delay = self.inference_delay_steps
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
+            raise ConfigError(f"inference_delay_steps must be an integer >= 0 or None, got {delay!r}")
+        if delay is None and self.execution != "sync":
+            self.async_inference = True
+        if self.control_period_s is not None and not self.control_period_s > 0:
+            raise ConfigError(f"control_period_s must be > 0, got {self.control_period_s!r}")
+        self.hold_zero_dims = tuple(int(d) for d in self.hold_zero_dims)
         ChunkingConfig(self.n_action_steps, self.ensemble_coef)  # validates both
         if self.async_threshold is None:
             self.async_threshold = self.n_action_steps // 2
         if isinstance(self.async_threshold, bool) or not isinstance(self.async_threshold, int) \
                 or self.async_threshold < 0:
             raise ConfigError(f"async_threshold must be an integer >= 0, got {self.async_threshold!r}")
+
+
+EXECUTION_MODES = ("sync", "async", "ensemble", "rtc")
+DEFAULT_ENSEMBLE_COEF = 0.01
+"""ACT's temporal-ensembling coefficient."""
+_EMA = 0.2
+"""Weight of the newest sample in the wall-clock round-trip and control-period estimates."""
 
 
 @dataclass
@@ -78,6 +135,8 @@ class DriverStats:
     policy_time_s: float = 0.0
     wait_time_s: float = 0.0
     resets: int = 0
+    hold_steps: int = 0
+    """Env steps spent holding still (waiting for a reply with no action left, or in sync mode)."""
 
 
 @dataclass
@@ -119,7 +178,22 @@ class PolicyDriver:
         self._generations = [0] * self.n_envs
         self._inflight: _Request | None = None
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="policyserve-driver")
-                          if self.config.async_inference else None)
+                          if self.config.async_inference and self.config.inference_delay_steps is None else None)
+        self.execution = self.config.execution
+        """The execution mode in use (``rtc`` falls back to ``async`` when the policy cannot inpaint)."""
+        self.last_sources = [-1] * self.n_envs
+        """Per env: the number of the reply its latest action came from, or a negative number while it holds
+        still (a new one for each stretch)."""
+        self._replies = 0
+        self._holds = 0
+        self._last_actions: list[np.ndarray | None] = [None] * self.n_envs
+        self._round_trip_s: float | None = None
+        self._period_s: float | None = None
+        self._last_act: float | None = None
+        self._rtc_checked = False
+        self._horizon = 0
+        self._window: int | None = None
+        self._action_dims: dict[str, int] = {}
 
     @classmethod
     def connect(cls, host: str = "127.0.0.1", port: int = 5555, n_envs: int = 1, config: DriverConfig | None = None,
@@ -166,6 +240,8 @@ class PolicyDriver:
             self.chunker.reset([i])
             self._generations[i] += 1
             self._pending_resets[i] = {k: _item(v, j) for k, v in options.items()}
+            self._last_actions[i] = None
+            self.last_sources[i] = -1
 
     # ------------------------------------------------------------------ stepping
     def act(self, observation: Mapping[str, Any], active: Sequence[bool] | np.ndarray | None = None) -> Any:
@@ -177,6 +253,18 @@ class PolicyDriver:
         """
         ids = list(range(self.n_envs)) if active is None else [int(i) for i in np.flatnonzero(np.asarray(active))]
         self.adapter.push(observation, env_ids=ids)
+        now = time.perf_counter()
+        if self._last_act is not None:
+            self._period_s = _ema(self._period_s, now - self._last_act)
+        self._last_act = now
+        rows = self._act_simulated(ids) if self.config.inference_delay_steps is not None else self._act_wall_clock(ids)
+        dim = self.action_dim or (len(next(iter(rows.values()))) if rows else 0)
+        actions = np.zeros((self.n_envs, dim), dtype=np.float32)
+        for i, row in rows.items():
+            actions[i] = row
+        return _like(actions, observation)
+
+    def _act_wall_clock(self, ids: list[int]) -> dict[int, np.ndarray]:
         if self._inflight is not None and self._inflight.future.done():
             self._collect()
         if any(self.chunker.available(i) == 0 for i in ids):
@@ -191,12 +279,42 @@ class PolicyDriver:
         if self.config.async_inference and self._inflight is None and any(
                 self.chunker.remaining(i) <= self.config.async_threshold for i in ids):
             self._request(ids)
-        rows = {i: self.chunker.pop(i) for i in ids}
-        dim = self.action_dim or (len(next(iter(rows.values()))) if rows else 0)
-        actions = np.zeros((self.n_envs, dim), dtype=np.float32)
-        for i, row in rows.items():
-            actions[i] = row
-        return _like(actions, observation)
+        return {i: self._pop(i) for i in ids}
+
+    def _act_simulated(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """One step in simulated time: deliver the reply that is due, query when a window is used up."""
+        if self._inflight is not None and self._due(self._inflight):
+            self._collect()
+        if self._inflight is None and any(self.chunker.remaining(i) == 0 for i in ids):
+            self._request(ids)
+            if self._due(self._inflight):  # type: ignore[arg-type]
+                self._collect()
+        waiting = set(self._inflight.targets) if self._inflight is not None and self.execution == "sync" else set()
+        return {i: self._hold(i) if i in waiting or self.chunker.available(i) == 0 else self._pop(i) for i in ids}
+
+    def _due(self, request: _Request) -> bool:
+        """Whether ``inference_delay_steps`` env steps have passed since ``request`` was made."""
+        current = [i for i in request.active if self._generations[i] == request.generations[i]]
+        elapsed = max((self.chunker.step(i) - request.steps[i] for i in current), default=None)
+        return elapsed is None or elapsed >= (self.config.inference_delay_steps or 0)
+
+    def _pop(self, env_id: int) -> np.ndarray:
+        action = self.chunker.pop(env_id)
+        self._last_actions[env_id] = action
+        self.last_sources[env_id] = self.chunker.source(env_id)
+        return action
+
+    def _hold(self, env_id: int) -> np.ndarray:
+        """Hold env ``env_id`` still for one step (see ``DriverConfig.hold_zero_dims``)."""
+        last = self._last_actions[env_id]
+        action = np.zeros(self.action_dim or 0, np.float32) if last is None else last.copy()
+        action[[d for d in self.config.hold_zero_dims if d < len(action)]] = 0.0
+        self.chunker.skip(env_id)
+        if self.last_sources[env_id] >= -1:  # a new stretch of holding still
+            self._holds += 1
+        self.last_sources[env_id] = -1 - self._holds
+        self.stats.hold_steps += 1
+        return action
 
     def _request(self, ids: list[int]) -> None:
         """Send one batched query (on the worker thread in async mode), with the pending per-env resets."""
@@ -207,26 +325,88 @@ class PolicyDriver:
             reset_options = {"env_ids": reset_envs,
                              **{k: [self._pending_resets[i].get(k) for i in reset_envs] for k in keys}}
             self._pending_resets = {}
-        targets = ids if self.config.async_inference else [i for i in ids if self.chunker.remaining(i) == 0]
+        targets = ids if self.execution != "sync" else [i for i in ids if self.chunker.remaining(i) == 0]
         observation = self.adapter.build()
+        options = self.config.action_options
+        if self.execution == "rtc" and self._supports_rtc():
+            rtc = self._rtc_option(targets)
+            if rtc is not None:
+                options = {**(options or {}), "rtc": rtc}
         if self._executor is None:
             future: Future = Future()
             start = time.perf_counter()
             try:
-                future.set_result(self._call(reset_options, observation))
+                future.set_result(self._call(reset_options, observation, options))
             except Exception as exc:  # noqa: BLE001 - re-raised by _collect, like the async path
                 future.set_exception(exc)
             self.stats.wait_time_s += time.perf_counter() - start
         else:
-            future = self._executor.submit(self._call, reset_options, observation)
+            future = self._executor.submit(self._call, reset_options, observation, options)
         self._inflight = _Request(future, [self.chunker.step(i) for i in range(self.n_envs)],
                                   list(self._generations), list(ids), targets, reset_envs)
 
-    def _call(self, reset_options: dict[str, Any] | None, observation: dict[str, Any]) -> tuple[Any, ...]:
+    def _call(self, reset_options: dict[str, Any] | None, observation: dict[str, Any],
+              options: dict[str, Any] | None) -> tuple[Any, ...]:
         reset_info = self.policy.reset(reset_options) if reset_options is not None else None
         start = time.perf_counter()
-        action, info = self.policy.get_action(observation, self.config.action_options)
+        try:
+            action, info = self.policy.get_action(observation, options)
+        except (ValidationError, ServerError) as exc:
+            if not options or "rtc" not in options or "rtc" not in str(exc):
+                raise
+            self._fall_back(f"the policy refused the rtc option ({exc})")
+            options = {k: v for k, v in options.items() if k != "rtc"} or None
+            action, info = self.policy.get_action(observation, options)
         return reset_info, action, info, time.perf_counter() - start
+
+    # ------------------------------------------------------------------ real-time chunking
+    def _supports_rtc(self) -> bool:
+        """Whether the policy (or the server behind a client) declares the ``rtc`` capability; checked once."""
+        if not self._rtc_checked:
+            self._rtc_checked = True
+            if "rtc" not in getattr(self.policy, "capabilities", frozenset()):
+                self._fall_back("the policy does not declare the 'rtc' capability")
+        return self.execution == "rtc"
+
+    def _fall_back(self, why: str) -> None:
+        if self.execution == "rtc":
+            self.execution = "async"
+            warnings.warn(f"execution 'rtc' falls back to naive 'async': {why}", RuntimeWarning, stacklevel=3)
+
+    def _rtc_option(self, targets: list[int]) -> dict[str, Any] | None:
+        """Every target env's committed actions (the rest of its newest chunk, zero-padded, split by the policy's
+        action keys) with the delay and execution horizon; None when no env has committed actions."""
+        lengths = [0] * self.n_envs
+        committed: dict[int, np.ndarray] = {}
+        for i in targets:
+            newest = self.chunker.newest(i)
+            if newest is not None:
+                start, actions = newest
+                offset = max(0, self.chunker.step(i) - start)
+                committed[i] = actions[offset:]
+                lengths[i] = len(committed[i])
+        longest = max(lengths)
+        if longest == 0:
+            return None
+        delay = self._delay_steps(longest)
+        dims = self._action_dims
+        prefix = {key: np.zeros((self.n_envs, longest, dim), np.float32) for key, dim in dims.items()}
+        for i, actions in committed.items():
+            start = 0
+            for key, dim in dims.items():
+                prefix[key][i, : len(actions)] = actions[:, start : start + dim]
+                start += dim
+        return {"prefix": prefix, "inference_delay": [min(delay, n) for n in lengths], "prefix_length": lengths,
+                "execution_horizon": min(self._window or self.config.n_action_steps, self._horizon)}
+
+    def _delay_steps(self, limit: int) -> int:
+        """The delay in env steps: ``inference_delay_steps``, or round trip over control period (wall clock)."""
+        if self.config.inference_delay_steps is not None:
+            return min(self.config.inference_delay_steps, limit)
+        period = self.config.control_period_s or self._period_s
+        if not self._round_trip_s or not period:
+            return 0
+        return min(math.ceil(self._round_trip_s / period), limit)
 
     def _collect(self) -> None:
         """Wait for the query in flight and put its chunks on the envs' timelines."""
@@ -239,6 +419,8 @@ class PolicyDriver:
             self.stats.wait_time_s += time.perf_counter() - start
         self.stats.queries += 1
         self.stats.policy_time_s += seconds
+        self._round_trip_s = _ema(self._round_trip_s, seconds)
+        self._replies += 1
         current = [i for i in range(self.n_envs) if self._generations[i] == request.generations[i]]
         if reset_info is not None:
             self.stats.resets += 1
@@ -249,15 +431,25 @@ class PolicyDriver:
                     self._offsets[i] = 0 if started is None else started[i]
         self.last_info = info if isinstance(info, dict) else {}
         chunks = self.adapter.to_env_actions(action, self.action_dim)
+        self._horizon = chunks.shape[1]
+        self._action_dims = {k: to_numpy(action.get(k, action.get(f"action.{k}"))).shape[-1]
+                             for k in self.adapter.action_keys}
+        delay = self.config.inference_delay_steps
+        if delay is not None and delay >= self._horizon:
+            raise ConfigError(f"inference_delay_steps={delay} must be below the policy's action horizon "
+                              f"{self._horizon}: every action of a chunk would be late")
         served = _per_env(self.last_info.get("current_step"), self.n_envs)
         horizon = self.last_info.get("execution_horizon")
         window = horizon if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0 else None
+        self._window = window
         if served is None:
             starts, targets = request.steps, request.targets
+            if delay and self.execution == "sync":  # the env waited: the chunk starts when it arrives
+                starts = [s + delay for s in starts]
         else:
             starts = [s - o for s, o in zip(served, self._offsets)]
             targets = request.active
-        self.chunker.set_chunks(chunks, [i for i in targets if i in current], starts, window)
+        self.chunker.set_chunks(chunks, [i for i in targets if i in current], starts, window, source=self._replies - 1)
 
     # ------------------------------------------------------------------ cleanup
     def close(self) -> None:
@@ -278,6 +470,10 @@ class PolicyDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ema(previous: float | None, sample: float) -> float:
+    return sample if previous is None else (1 - _EMA) * previous + _EMA * sample
 
 
 def _item(value: Any, index: int) -> Any:

@@ -78,6 +78,7 @@ class PolicyClient(BasePolicy):
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._modality_config: ModalityConfigs | None = None
+        self._capabilities: frozenset[str] | None = None
         self._init_socket()
 
     @property
@@ -187,6 +188,28 @@ class PolicyClient(BasePolicy):
             reply = self.call_endpoint("get_modality_config", requires_input=False)
             self._modality_config = _parse_declared_configs(reply, self.address)
         return dict(self._modality_config)
+
+    @property
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
+        """What the server's policy can do beyond a plain ``get_action`` (e.g. ``"rtc"``), asked once.
+
+        A server without the ``get_capabilities`` endpoint (GR00T's own) answers "Unknown endpoint": none.
+        """
+        if self._capabilities is None:
+            try:
+                reply = self.call_endpoint("get_capabilities", requires_input=False)
+            except ServerError as exc:
+                if "Unknown endpoint" not in exc.message:
+                    raise
+                reply = []
+            if not isinstance(reply, (list, tuple)) or not all(isinstance(c, str) for c in reply):
+                raise ProtocolError(f"get_capabilities reply from {self.address} must be a list of names, "
+                                    f"got {_clip(repr(reply))}")
+            self._capabilities = frozenset(reply)
+        return self._capabilities
+
+    def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
+        """Nothing: the server checks the options (and refuses what its policy cannot do)."""
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
         reply = self.call_endpoint("get_action", {"observation": observation, "options": options})

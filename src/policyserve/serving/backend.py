@@ -28,6 +28,8 @@ class Backend(ABC):
 
     batchable: bool = False
     row_options: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset()
+    """What the served policy can do beyond a plain ``get_action`` (e.g. ``"rtc"``), see ``BasePolicy``."""
     concurrency: int = 1
 
     @abstractmethod
@@ -58,6 +60,7 @@ class PolicyBackend(Backend):
         self.policy = policy
         self.batchable = bool(getattr(policy, "batchable", False))
         self.row_options = frozenset(getattr(policy, "row_options", frozenset()))
+        self.capabilities = frozenset(getattr(policy, "capabilities", frozenset()))
 
     def get_modality_config(self) -> ModalityConfigs:
         return self.policy.get_modality_config()

@@ -85,6 +85,7 @@ class RayBackend(Backend):
         self._modality_config: ModalityConfigs = info["modality_config"]
         self.batchable = info["batchable"]
         self.row_options = info["row_options"]
+        self.capabilities = info.get("capabilities", frozenset())
 
     # -- Backend ---------------------------------------------------------------------------------
     def get_modality_config(self) -> ModalityConfigs:

@@ -54,6 +54,7 @@ class PolicyReplica:
             "modality_config": self.policy.get_modality_config(),
             "batchable": bool(getattr(self.policy, "batchable", False)),
             "row_options": frozenset(getattr(self.policy, "row_options", frozenset())),
+            "capabilities": frozenset(getattr(self.policy, "capabilities", frozenset())),
             "replica": self.name,
         }
 

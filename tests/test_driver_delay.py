@@ -1,0 +1,181 @@
+"""Inference delay in simulated time and the execution modes (sync, async, ensemble, rtc) of PolicyDriver.
+
+The policy is :class:`helpers.StepIndexPolicy`: the action for step ``t + h`` of a chunk computed at step
+``t`` is ``[t + h, h]``, so every executed action shows which query produced it and at which chunk position.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from policyserve import DriverConfig, PolicyDriver
+from policyserve.client.keymap import KeyMap
+from policyserve.eval.smoothness import smoothness
+from policyserve.policies.base import PolicyWrapper
+
+from helpers import StepIndexPolicy
+
+H, S = 16, 4  # action horizon, n_action_steps
+DELAYS = [0, 1, 2, 4, 6]
+
+
+class InpaintingStepIndexPolicy(StepIndexPolicy):
+    """StepIndexPolicy that declares the rtc capability and records the rtc options it is sent."""
+
+    capabilities = frozenset({"rtc"})
+
+    def __init__(self, horizon: int, latency_s: float = 0.0) -> None:
+        super().__init__(horizon, latency_s)
+        self.rtc: list[dict | None] = []
+
+    def _get_action(self, observation, options=None):
+        self.rtc.append((options or {}).get("rtc"))
+        return super()._get_action(observation, options)
+
+
+class ClaimsRTC(PolicyWrapper):
+    """A wrapper that declares rtc although the policy it wraps refuses the option."""
+
+    capabilities = frozenset({"rtc"})
+
+    def _get_action(self, observation, options=None):
+        return self.policy.get_action(observation, options)
+
+
+def run(driver: PolicyDriver, n_steps: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Step counting envs; returns actions (n_steps, n_envs, 2) and each env's action sources."""
+    actions, sources = [], []
+    for t in range(n_steps):
+        obs = {"step": np.full((driver.n_envs, 1), t, np.float64), "task": ["count"] * driver.n_envs}
+        actions.append(np.asarray(driver.act(obs)))
+        sources.append(list(driver.last_sources))
+    return np.stack(actions), [list(s) for s in zip(*sources)]
+
+
+def driver(policy, execution: str, delay: int | None, n_envs: int = 1, **config) -> PolicyDriver:
+    return PolicyDriver(policy, n_envs, DriverConfig(n_action_steps=S, execution=execution,
+                                                     inference_delay_steps=delay, hold_zero_dims=(0,),
+                                                     key_map=KeyMap(video={}, language="task"), **config),
+                        action_dim=2)
+
+
+def query_steps(execution: str, delay: int, n_steps: int) -> list[int]:
+    """The steps the queries are made at: every window in the non-blocking modes (one query in flight at a
+    time, so every ``max(S, delay)`` steps), every ``S + delay`` steps in sync mode (it waits)."""
+    period = S + delay if execution == "sync" else max(S, delay)
+    return list(range(0, n_steps, period))
+
+
+@pytest.mark.parametrize("delay", DELAYS)
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc"])
+def test_a_query_at_step_t_changes_the_executed_action_first_at_t_plus_d(execution: str, delay: int) -> None:
+    n_steps = 40
+    actions, sources = run(driver(InpaintingStepIndexPolicy(H), execution, delay), n_steps)
+    queries = query_steps(execution, delay, n_steps)
+    for tau in range(n_steps):
+        answered = [t for t in queries if t + delay <= tau]
+        if not answered:  # the first reply has not arrived: the env holds still (no action yet: zeros)
+            np.testing.assert_array_equal(actions[tau, 0], [0, 0])
+            assert sources[0][tau] < 0
+            continue
+        t = answered[-1]
+        if execution == "sync":
+            h = tau - t - delay
+            if h >= S:  # waiting for the next reply: hold still (dim 0 zeroed, dim 1 repeated)
+                np.testing.assert_array_equal(actions[tau, 0], [0, S - 1])
+            else:
+                np.testing.assert_array_equal(actions[tau, 0], [t + h, h])
+        else:  # the new chunk takes over at t + d, its first d actions dropped
+            np.testing.assert_array_equal(actions[tau, 0], [tau, tau - t])
+        if tau == t + delay:
+            assert sources[0][tau] == queries.index(t)
+
+
+@pytest.mark.parametrize("delay", [1, 4])
+def test_ensemble_mode_mixes_in_a_chunk_first_at_t_plus_d(delay: int) -> None:
+    coef = 0.5
+    n_steps = 30
+    actions, _ = run(driver(StepIndexPolicy(H), "ensemble", delay, ensemble_coef=coef), n_steps)
+    queries = query_steps("ensemble", delay, n_steps)
+    for tau in range(delay, n_steps):
+        live = [t for t in queries if t + delay <= tau < t + H]
+        weights = np.exp(-coef * np.arange(len(live)))
+        expected = (weights * (tau - np.array(live))).sum() / weights.sum()
+        np.testing.assert_allclose(actions[tau, 0], [tau, expected], rtol=1e-6)
+
+
+def test_rtc_sends_each_env_its_committed_actions_the_delay_and_the_horizon() -> None:
+    delay = 3
+    policy = InpaintingStepIndexPolicy(H)
+    run(driver(policy, "rtc", delay, n_envs=2), 13)
+    assert policy.rtc[0] is None  # nothing committed before the first chunk
+    for k, option in enumerate(policy.rtc[1:], start=1):
+        previous = (k - 1) * S  # the chunk being executed was computed at the previous query's step
+        expected = np.stack([previous + np.arange(S, H), np.arange(S, H)], axis=-1)  # its actions from step k*S on
+        assert option["prefix"]["a"].shape == (2, H - S, 2)
+        np.testing.assert_array_equal(option["prefix"]["a"], [expected, expected])
+        assert option["inference_delay"] == [delay, delay] and option["prefix_length"] == [H - S, H - S]
+        assert option["execution_horizon"] == S
+
+
+@pytest.mark.parametrize("ensemble_coef", [None, 0.1])
+def test_zero_delay_sync_reproduces_the_wall_clock_driver_bit_for_bit(ensemble_coef) -> None:
+    def log(delay: int | None) -> np.ndarray:
+        d = driver(StepIndexPolicy(H), "sync", delay, n_envs=2, ensemble_coef=ensemble_coef)
+        out = []
+        for t in range(30):
+            out.append(np.asarray(d.act({"step": np.array([[t], [2 * t]], np.float64), "task": ["count"] * 2})))
+            if t in (7, 18):
+                d.reset([t % 2])
+        return np.stack(out)
+
+    np.testing.assert_array_equal(log(0), log(None))
+
+
+def test_rtc_falls_back_to_async_once_when_the_server_lacks_the_capability(serve) -> None:
+    client = serve(StepIndexPolicy(H)).client
+    assert client.capabilities == frozenset()
+    with pytest.warns(RuntimeWarning, match="falls back to naive 'async'") as caught:
+        fallen, _ = run(d := driver(client, "rtc", 2), 20)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1 and d.execution == "async"
+    naive, _ = run(driver(StepIndexPolicy(H), "async", 2), 20)
+    np.testing.assert_array_equal(fallen, naive)
+
+
+def test_rtc_falls_back_to_async_once_when_the_policy_refuses_the_option() -> None:
+    with pytest.warns(RuntimeWarning, match="refused the rtc option") as caught:
+        fallen, _ = run(d := driver(ClaimsRTC(StepIndexPolicy(H), strict=False), "rtc", 2), 20)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1 and d.execution == "async"
+    naive, _ = run(driver(StepIndexPolicy(H), "async", 2), 20)
+    np.testing.assert_array_equal(fallen, naive)
+
+
+def test_rtc_is_served_end_to_end_and_asks_no_fallback(serve) -> None:
+    policy = InpaintingStepIndexPolicy(H)
+    client = serve(policy).client
+    assert client.capabilities == frozenset({"rtc"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(d := driver(client, "rtc", 2), 12)
+    assert d.execution == "rtc" and policy.rtc[1]["inference_delay"] == [2]
+
+
+def test_wall_clock_rtc_estimates_the_delay_from_round_trip_and_control_period() -> None:
+    policy = InpaintingStepIndexPolicy(H, latency_s=0.1)
+    d = driver(policy, "rtc", None, control_period_s=0.02, async_threshold=S)
+    run(d, 3 * S)
+    d.close()
+    delays = [option["inference_delay"][0] for option in policy.rtc[1:] if option is not None]
+    assert delays and all(5 <= delay <= H - S for delay in delays[1:] or delays), delays  # 0.1 s / 0.02 s
+
+
+def test_smoothness_separates_chunk_boundaries_from_chunk_interiors() -> None:
+    delay = 2
+    actions, sources = run(driver(StepIndexPolicy(H), "async", delay), 24)
+    jerk = smoothness(actions[:, 0], sources[0])
+    assert jerk.inner == 0.0  # inside a chunk the actions are linear in the step
+    assert jerk.boundary > 0  # at a switch the chunk position jumps back by S - delay ... and hold -> chunk
+    assert np.isnan(jerk.ratio) or jerk.ratio > 1
