@@ -179,3 +179,30 @@ def test_smoothness_separates_chunk_boundaries_from_chunk_interiors() -> None:
     assert jerk.inner == 0.0  # inside a chunk the actions are linear in the step
     assert jerk.boundary > 0  # at a switch the chunk position jumps back by S - delay ... and hold -> chunk
     assert np.isnan(jerk.ratio) or jerk.ratio > 1
+
+
+def test_rollout_reports_smoothness_and_zero_delay_sync_reproduces_it_bit_for_bit() -> None:
+    """A real Franka rollout with the scripted expert: d=0 sync equals the wall-clock driver exactly, and every
+    episode reports J_B and J_I; with a delay, sync holds still (dims 0-5 zero) and the episode differs."""
+    from policyserve.eval.envs import EnvConfig, make_envs
+    from policyserve.eval.rollout import FRANKA_DELTA_DIMS, RolloutConfig, run_rollout
+    from policyserve.sim.scripted import ScriptedPolicy
+
+    envs = make_envs(EnvConfig(task="lift", camera_size=(32, 32)), 1, max_episode_steps=40)
+    try:
+        def rollout(delay: int | None) -> dict:
+            config = RolloutConfig(env=EnvConfig(task="lift", camera_size=(32, 32)), n_episodes=2, n_envs=1,
+                                   max_episode_steps=40, seed=3, progress=False,
+                                   driver=DriverConfig(n_action_steps=8, inference_delay_steps=delay,
+                                                       hold_zero_dims=FRANKA_DELTA_DIMS))
+            return run_rollout(ScriptedPolicy("lift", n_action_steps=8), config, envs=envs).to_dict()
+
+        wall, zero, delayed = rollout(None), rollout(0), rollout(4)
+    finally:
+        envs.close()
+    strip = ("timing", "config")
+    assert {k: v for k, v in zero.items() if k not in strip} == {k: v for k, v in wall.items() if k not in strip}
+    for report in (wall, delayed):
+        assert report["jerk_boundary"] is not None and report["jerk_inner"] is not None
+        assert all(e["jerk_boundary"] is not None for e in report["episodes"])
+    assert [e["return"] for e in delayed["episodes"]] != [e["return"] for e in wall["episodes"]]
