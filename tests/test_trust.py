@@ -374,7 +374,8 @@ def test_compare_and_rollout_refuse_a_flag_that_conflicts_with_the_hdf5(recorded
 
     hdf5, _ = recorded
     out = tmp_path / "out"
-    for argv, conflict in ((["compare", "--task", "stack"], "'stack'"), (["compare", "--camera-size", "84"], "(84, 84)"),
+    for argv, conflict in ((["compare", "--task", "stack"], "'stack'"),
+                           (["compare", "--camera-size", "84"], "(84, 84)"),
                            (["rollout", "--task", "stack", "--demo-indices", "0"], "'stack'")):
         extra = ["--output", str(out)] if argv[0] == "compare" else ["--report", str(out / "r.json")]
         assert cli_main([*argv, "--hdf5-path", str(hdf5), "--quiet", *extra]) == 2

@@ -248,9 +248,9 @@ def plot_summary(report: AggregateComparison, path: str | Path) -> dict[str, Any
                     color="tab:green" if step is None else "tab:red")
     ax.set_yticks(range(len(keys)), keys)
     ax.set_ylim(-0.6, max(len(keys), 1) - 0.4)
+    window = report.config.get("action_window", ACTION_WINDOW)
     ax.set_title(f"action divergence step per key (rule: policyserve.eval.divergence, threshold "
-                 f"{report.config.get('action_threshold', 0.0):g}, window {report.config.get('action_window', ACTION_WINDOW)};"
-                 " - = never)", fontsize=8)
+                 f"{report.config.get('action_threshold', 0.0):g}, window {window}; - = never)", fontsize=8)
     ax = axes[4]
     for row, side in enumerate(("model", "replay")):
         ok = np.array([getattr(d, f"success_{side}") for d in demos], dtype=bool)

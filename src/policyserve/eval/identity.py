@@ -79,8 +79,9 @@ def check_replay_identity(demos: DemoFile, demo_index: int, start_step: int, inf
     length = demos.length(demo_index)
     served_length = _entry(info.get("episode_length"), env)
     if served_length != length:
-        raise IdentityError(f"the replay server {where} replays an episode of {served_length} steps as demo_{demo_index}"
-                            f" (dataset converted from {source}), but demo_{demo_index} of {demos.path} has {length}")
+        raise IdentityError(f"the replay server {where} replays an episode of {served_length} steps as "
+                            f"demo_{demo_index} (dataset converted from {source}), but demo_{demo_index} of "
+                            f"{demos.path} has {length}")
     if first_action is None:
         return
     recorded = np.asarray(demos.actions(demo_index, start_step, start_step + 1), dtype=np.float64).reshape(-1)
