@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..policies.base import BasePolicy
 from .backend import Backend, PolicyBackend, replica_count
-from .doors.base import AddressInUseError, DoorContext, FrontDoor
+from .doors.base import AddressInUseError, ConnectionLimits, DoorContext, FrontDoor, raise_open_file_limit
 from .doors.gr00t import DEFAULT_PORT, Gr00tDoor, log_error
 from .events import Listeners, SchedulerListener
 from .request import Request
@@ -57,6 +57,26 @@ class ServerConfig:
     """CurveZMQ secret key file (``policyserve keys generate``) for the GR00T door: encrypted links; None: plain."""
     curve_authorized_keys: str | None = None
     """Folder of client public key files (``*.key``) admitted over CurveZMQ; None: any client with the server's key."""
+    max_connections: int = 1024
+    """Most open connections per websocket/HTTP door (openpi, metrics: 64 at most); openpi refuses more with
+    HTTP 503 at the handshake."""
+    max_pending_connections: int = 256
+    """Most connections per door still in their handshake (TCP open, nothing admitted yet); a new one past it
+    drops the oldest, so idle sockets cannot lock new clients out."""
+    open_timeout: float = 10.0
+    """Seconds a new connection has to finish its handshake (openpi's TLS + HTTP upgrade, GR00T's ZMTP
+    greeting, a metrics request) before it is dropped."""
+    idle_timeout: float = 600.0
+    """Seconds an openpi connection may send nothing (no request in flight) before it is closed; 0: never."""
+    max_unsent_bytes: int = 64 << 20
+    """Replies (bytes) held for one client (openpi or GR00T) that does not read them; past it, its requests
+    are answered "server busy" until it reads."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) file: the openpi door serves ``wss://`` (TLS) instead of ``ws://``."""
+    tls_key: str | None = None
+    """PEM private key file of ``tls_cert`` (None: the key is in ``tls_cert``)."""
+    metrics_token: str | None = None
+    """Token the metrics endpoint requires as ``Authorization: Bearer <token>``; None: no check."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Batching and queue limits."""
 
@@ -65,6 +85,14 @@ class ServerConfig:
             raise ConfigError("curve_authorized_keys needs curve_secret_key (the server's CurveZMQ key pair)")
         if self.max_message_bytes < 1:
             raise ConfigError(f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
+        for name in ("max_connections", "max_pending_connections", "max_unsent_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.open_timeout > 0 or self.idle_timeout < 0:
+            raise ConfigError(f"open_timeout must be > 0 and idle_timeout >= 0, got {self.open_timeout} and "
+                              f"{self.idle_timeout}")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigError("tls_key needs tls_cert (the certificate it belongs to)")
         if self.hard_limit_bytes is not None and self.hard_limit_bytes < self.max_message_bytes:
             raise ConfigError(f"hard_limit_bytes must be >= max_message_bytes ({self.max_message_bytes}), "
                               f"got {self.hard_limit_bytes}")
@@ -88,7 +116,7 @@ class ServerConfig:
 
 class _LogListener(SchedulerListener):
     def failed(self, request: Request, exc: BaseException) -> None:
-        log_error(exc)
+        log_error(exc, f"{request.protocol} {request.endpoint} failed")
 
 
 class PolicyServer:
@@ -216,6 +244,9 @@ class PolicyServer:
             protocols=tuple(dict.fromkeys(d.protocol for d in self.doors if d.protocol is not None)),
             request_stop=self._request_stop, replicas=lambda: replica_count(backend),
             capabilities=frozenset(backend.capabilities),
+            connections=ConnectionLimits(cfg.max_connections, cfg.max_pending_connections, cfg.open_timeout,
+                                         cfg.idle_timeout, cfg.max_unsent_bytes),
+            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, metrics_token=cfg.metrics_token,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -230,6 +261,7 @@ class PolicyServer:
         if self._bound:
             return self.port
         bound: list[FrontDoor] = []
+        raise_open_file_limit()  # connections are bounded per door; the process's soft limit must not be lower
         try:
             context = self._context()
             for door in self.doors:

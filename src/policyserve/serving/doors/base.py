@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import hmac
+import resource
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import ConfigError, ProtocolError
 from ...types import ModalityConfigs, ModalityDims
@@ -23,11 +25,29 @@ from ..request import Request
 
 UNAUTHORIZED = "Unauthorized: Invalid API token"
 
-__all__ = ["UNAUTHORIZED", "AddressInUseError", "DoorContext", "FrontDoor", "listening"]
+__all__ = ["UNAUTHORIZED", "AddressInUseError", "ConnectionLimits", "DoorContext", "FrontDoor", "LimitedListener",
+           "PendingConnections", "listening", "raise_open_file_limit"]
 
 
 class AddressInUseError(ConfigError):
     """A door's port is taken."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections a door keeps and for how long (from the server's config)."""
+
+    max_connections: int = 1024
+    """Most admitted connections (openpi: more get HTTP 503 at the handshake)."""
+    max_pending: int = 256
+    """Most connections still in their handshake; a new one past it drops the oldest."""
+    open_timeout: float = 10.0
+    """Seconds to finish the handshake (TLS included)."""
+    idle_timeout: float = 600.0
+    """Seconds a connection may send nothing with no request in flight before it is closed; 0: never."""
+    max_unsent_bytes: int = 64 << 20
+    """Replies (bytes) held for one client (openpi or GR00T) that does not read; past it its requests get
+    "server busy"."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,20 @@ class DoorContext:
     """Ask the server to shut down (GR00T's ``kill`` endpoint)."""
     replicas: Callable[[], float] = lambda: 1.0
     """Policy replicas serving now."""
+    capabilities: frozenset[str] = frozenset()
+    """What the served policy can do beyond a plain ``get_action`` (e.g. ``"rtc"``)."""
     curve_secret_key: str | None = None
     """CurveZMQ secret key file for ZeroMQ doors (see :func:`policyserve.security.curve_server`); None: plain."""
     curve_authorized_keys: str | None = None
     """Folder of admitted client public keys for CurveZMQ; None: any client that knows the server's key."""
+    connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
+    """Connection limits and timeouts of the doors (see :class:`ConnectionLimits`)."""
+    tls_cert: str | None = None
+    """PEM certificate file: websocket doors serve TLS (``wss://``); None: plain."""
+    tls_key: str | None = None
+    """PEM private key file of ``tls_cert`` (None: in ``tls_cert``)."""
+    metrics_token: str | None = None
+    """Token the metrics endpoint requires (``Authorization: Bearer``); None: none."""
 
     def authorized(self, token: object) -> bool:
         """True when no token is required or ``token`` equals it (compared in constant time)."""
@@ -119,3 +149,74 @@ class FrontDoor(ABC):
     def close(self, timeout: float) -> None:
         """Send pending replies (within ``timeout`` s) and release the port. Safe to call more than once,
         and after a failed or missing :meth:`start`."""
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit (idle connections then cost descriptors,
+    not the server); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class PendingConnections:
+    """The accepted connections a door has not admitted yet (handshake or request still to come), oldest
+    first, at most ``limit``: accepting one more shuts the oldest down (``shutdown()``, so its transport
+    closes itself; the descriptor is never closed under it). Used on the door's event-loop thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0
+        """Connections shut down to make room."""
+        self._socks: dict[int, socket.socket] = {}  # fd -> socket, oldest first
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._socks)
+
+    def accepted(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        self._socks.pop(fd, None)  # a descriptor number reused after its old socket closed
+        if len(self._socks) >= self.limit:
+            self._prune()
+        while len(self._socks) >= self.limit:
+            old = self._socks.pop(next(iter(self._socks)))
+            self.dropped += 1
+            try:
+                old.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._socks[fd] = sock
+
+    def admitted(self, fd: int | None) -> None:
+        """The connection on ``fd`` passed its handshake: it no longer counts as pending."""
+        if fd is not None:
+            self._socks.pop(fd, None)
+
+    def _prune(self) -> None:
+        for fd, sock in list(self._socks.items()):
+            if sock.fileno() != fd:  # closed
+                del self._socks[fd]
+
+
+class LimitedListener(socket.socket):
+    """A listening socket whose :meth:`accept` registers each new connection with ``pending``
+    (asyncio's servers accept through it)."""
+
+    pending: PendingConnections
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, pending: PendingConnections) -> LimitedListener:
+        listener = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.pending = pending
+        return listener
+
+    def accept(self) -> tuple[socket.socket, object]:
+        conn, addr = super().accept()
+        self.pending.accepted(conn)
+        return conn, addr

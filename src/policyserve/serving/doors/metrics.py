@@ -5,24 +5,37 @@ doors' events and serves the metrics over HTTP (``/metrics``) with ``prometheus_
 registry, from bind until the server has stopped. The protocols it labels are those of the server's
 doors (:attr:`~policyserve.serving.doors.base.DoorContext.protocols`). Metric names and meanings are
 listed in :data:`METRICS` (and in the README).
+
+The HTTP server is a small asyncio one on its own thread (not a thread per connection): each connection
+sends one ``GET`` within ``open_timeout`` s, gets the exposition (``Connection: close``) and is closed; at
+most :data:`MAX_CONNECTIONS` are open (a new one drops the oldest). With the server's ``metrics_token`` a
+scrape needs ``Authorization: Bearer <token>`` (Prometheus: ``authorization: {credentials: ...}``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import socket
+import threading
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..backend import replica_count
 from ..events import SchedulerListener
 from ..request import Request
-from .base import DoorContext, FrontDoor, listening
+from .base import DoorContext, FrontDoor, LimitedListener, PendingConnections, listening
 
 __all__ = ["METRICS", "MetricsExporter", "replica_count"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_CONNECTIONS = 64
+"""Most open connections to the metrics port (or the server's ``max_connections``, if lower)."""
+MAX_REQUEST_BYTES = 16 << 10
+"""Longest request head (request line and headers) read."""
 
 METRICS = {
     "policyserve_requests_total": "requests by endpoint, protocol (gr00t, openpi) and outcome: ok, error "
@@ -67,16 +80,34 @@ class MetricsExporter(SchedulerListener, FrontDoor):
         self.auth_failures = Counter("policyserve_auth_failures", METRICS["policyserve_auth_failures_total"],
                                      ["protocol"], registry=r)
         self.replicas = Gauge("policyserve_replicas", METRICS["policyserve_replicas"], registry=r)
-        self._http: Any = None
-        self._thread: Any = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._pending = PendingConnections(MAX_CONNECTIONS)
+        self._token: bytes | None = None
+        self._timeout = 10.0
 
     # -- FrontDoor -------------------------------------------------------------------------------
     def bind(self, context: DoorContext) -> int:
         self.host = self.host or context.host
         self.replicas.set_function(context.replicas)
+        limits = context.connections
+        self._pending = PendingConnections(min(MAX_CONNECTIONS, limits.max_connections))
+        self._timeout = limits.open_timeout
+        self._token = context.metrics_token.encode() if context.metrics_token is not None else None
+        host = "" if self.host in ("0.0.0.0", "*") else self.host
         with listening(f"http://{self.host}:{self.requested_port}", self.host, self.requested_port):
-            self._http, self._thread = start_http_server(self.requested_port, addr=self.host, registry=self.registry)
-        self.port = int(self._http.server_port)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, self.requested_port), family=family, backlog=256)
+        self._sock = LimitedListener.wrap(sock, self._pending)
+        self.port = int(self._sock.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(lambda loop, context: None)  # a scraper's broken connection is not news
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"policyserve-metrics-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10.0)
         for protocol in context.protocols:  # zeros from the start, so rates and alerts work before the first failure
             self.auth_failures.labels(protocol)
             for limit in ("max_queued_per_client", "max_queued_bytes"):
@@ -89,11 +120,67 @@ class MetricsExporter(SchedulerListener, FrontDoor):
         """Nothing to do: metrics are served from bind on."""
 
     def close(self, timeout: float) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._thread.join(timeout)
-            self._http = None
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result(max(timeout, 1.0) + 1.0)
+            except Exception:  # noqa: BLE001 - closing regardless
+                pass
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(max(timeout, 1.0))
+        if loop is not None and not loop.is_running():
+            loop.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    async def _open(self) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=self._sock, limit=MAX_REQUEST_BYTES)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per connection: ``GET /metrics`` (or ``/``) -> the exposition; then close."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, body, extra = self._respond(head)
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{extra}"
+                             "\r\n".encode("latin-1") + body)
+                await writer.drain()
+            writer.close()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError):
+            writer.transport.abort()  # silent, slow or gone: drop it, nothing buffered for it
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+
+    def _respond(self, head: bytes) -> tuple[str, bytes, str]:
+        lines = head.decode("latin-1").split("\r\n")
+        method, _, rest = lines[0].partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", b"only GET\n", "Allow: GET\r\n"
+        if path not in ("/metrics", "/"):
+            return "404 Not Found", b"try /metrics\n", ""
+        if self._token is not None:
+            auth = next((line.partition(":")[2].strip() for line in lines[1:]
+                         if line.partition(":")[0].strip().lower() == "authorization"), "")
+            scheme, _, credentials = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self._token):
+                return "401 Unauthorized", b"Unauthorized: a metrics token is required (Authorization: Bearer)\n", \
+                    'WWW-Authenticate: Bearer realm="policyserve metrics"\r\n'
+        body = generate_latest(self.registry)
+        return "200 OK", b"" if method == "HEAD" else body, f"Content-Type: {CONTENT_TYPE_LATEST}\r\n"
 
     # -- SchedulerListener -----------------------------------------------------------------------
     def rejected(self, request: Request, limit: str) -> None:
