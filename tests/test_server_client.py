@@ -158,7 +158,7 @@ def _pickled_npy() -> bytes:
 
 # -- bad input over a raw socket: clear error, and the next good request still succeeds ---------------
 BAD_INPUTS = [
-    (b"\x00\xffnot msgpack at all", "could not decode"),
+    (b"\x00\xffnot msgpack at all", "must be a msgpack map"),
     (packb({"endpoint": "ping", "data": {"x": np.zeros(64)}})[:-9], "could not decode"),
     (msgpack.packb({"endpoint": "get_action", "data": {"observation": {"__ndarray_class__": True,
                                                                       "as_npy": b"\x80\x04\x95pickle"}}}),

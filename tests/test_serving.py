@@ -155,9 +155,9 @@ def test_scripted_expert_is_batched_and_keeps_each_clients_envs_apart():
     merged = policy.serve_batch([ActionRequest(obs(0.8), None, "a"), ActionRequest(obs(0.9), None, "b")])
     for (action, _), (expected, _) in zip(merged, alone):
         np.testing.assert_array_equal(action["arm"], expected["arm"])
-    assert {k[0] for k in policy._experts} == {"a", "b"}
+    assert {k[0] for k in policy.experts} == {"a", "b"}
     policy.serve_reset({"env_ids": [0]}, "a")  # one client's reset leaves the other's expert alone
-    assert set(policy._experts) == {("b", 0)}
+    assert set(policy.experts) == {("b", 0)}
 
 
 # -- bounded queues and fairness ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Each door encodes them in its own wire format.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class Request:
     reply: Callable[[Outcome], None]
     """Called once, from a scheduler worker (or from the scheduler's ``close``), with the outcome."""
     nbytes: int = 0
-    """Size of the message on the wire (counts against ``max_queued_bytes``)."""
+    """Memory the request holds: its decoded size (at least its size on the wire); counts against
+    ``max_queued_bytes``."""
     protocol: str = ""
     """The door's protocol (``gr00t``, ``openpi``): a label for events and metrics."""
     received: float = field(default_factory=time.perf_counter)
@@ -124,8 +126,11 @@ def failure_kind(exc: BaseException) -> FailureKind:
     return FailureKind.INTERNAL
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def error_message(exc: BaseException) -> str:
-    """Text of an error reply: our errors as-is, others prefixed by their type."""
-    if isinstance(exc, (PolicyServeError, AssertionError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    """Text of an error reply: our errors as-is, others prefixed by their type; heap addresses (``<... at
+    0x7f...>`` in object reprs) are left out."""
+    text = str(exc) if isinstance(exc, (PolicyServeError, AssertionError)) else f"{type(exc).__name__}: {exc}"
+    return _ADDRESS.sub("", text)

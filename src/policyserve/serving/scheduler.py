@@ -9,12 +9,14 @@ timing, a call result, or a failure):
   at most one batch per client is in flight, so replies never overtake each other;
 - **continuous batching**: while a policy call runs, requests queue; when it returns, every queued
   ``get_action`` that can share a call (equal options, same observation layout) goes into the next
-  one, up to ``max_batch_size`` requests. Clients the previous merged call answered are given up to
-  ``rejoin_wait_ms`` (at most half that call's time) to send their next request, so closed-loop clients
-  stay together instead of splitting into small batches; a lone client pays no batching delay
-  (``batch_window_ms`` adds an optional wait for more);
-- **bounded**: per-client and total-bytes limits; a request over a limit is refused at once with
-  :class:`~policyserve.serving.request.ServerBusyError`, never left waiting;
+  one, up to ``max_batch_size`` requests, taken round-robin across clients with at most a fair share
+  (:meth:`Scheduler.fair_share`) per client, so a flooder cannot fill the batch another client joins.
+  Clients the previous merged call answered are given up to ``rejoin_wait_ms`` (at most half that
+  call's time) to send their next request, so closed-loop clients stay together instead of splitting
+  into small batches; a lone client pays no batching delay (``batch_window_ms`` adds an optional wait);
+- **bounded**: per-client and total-bytes (decoded size) limits; a request over one is refused at once with
+  :class:`~policyserve.serving.request.ServerBusyError`, never left waiting; a get_action with more rows
+  than ``max_request_batch`` is refused as invalid;
 - **clean shutdown**: :meth:`Scheduler.close` answers everything queued with a "server shutting down"
   failure and waits for the calls in progress to be answered.
 """
@@ -28,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 from ..policies.base import merge_key
-from ..policies.batching import layout_key
+from ..policies.batching import batch_size_of, layout_key
 from .backend import Backend
 from .events import NULL_LISTENER, SchedulerListener
 from .request import (
@@ -55,12 +57,15 @@ class SchedulerConfig:
     max_queued_per_client: int = 64
     """Requests one client may have waiting; more are refused as busy at once."""
     max_queued_bytes: int = 1 << 30
-    """Total size in bytes of the waiting requests' messages; more are refused as busy at once."""
+    """Total size in bytes of the waiting requests (decoded, as they sit in memory); more are refused as busy
+    at once."""
+    max_request_batch: int = 1024
+    """Most rows (batch size) one get_action request may carry; a larger one is refused, naming this limit."""
     workers: int = 1
     """Policy calls in flight at once (one per backend replica; the server sets it from the backend)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "workers"):
+        for name in ("max_batch_size", "workers", "max_request_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -100,6 +105,8 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise ShuttingDownError()
+            if request.endpoint == "get_action":
+                self._check_rows(request)
             queue = self._queues.get(request.client)
             if queue is not None and len(queue) >= cfg.max_queued_per_client:
                 self.listener.rejected(request, "max_queued_per_client")
@@ -120,6 +127,16 @@ class Scheduler:
             self._queued_bytes += request.nbytes
             self.listener.queue_depth(self._queued)
             self._lock.notify()
+
+    def _check_rows(self, request: Request) -> None:
+        try:
+            rows = batch_size_of(request.data.get("observation"))
+        except (ValueError, TypeError):
+            return  # the policy's validation names what is wrong with the observation
+        if rows > self.config.max_request_batch:
+            raise ProtocolError(
+                f"get_action request has {rows} rows (batch size); the server takes at most "
+                f"max_request_batch={self.config.max_request_batch} per request: split it")
 
     @property
     def queued(self) -> int:
@@ -214,12 +231,24 @@ class Scheduler:
                 return
             self._lock.wait(remaining)
 
+    def fair_share(self, first: Request) -> int:
+        """Most requests one client may put into a merged call that ``first`` opens: ``max_batch_size`` split
+        evenly between the clients with queued work and the clients of the previous merged call (who are
+        expected back), so a flooder's queue cannot fill a batch another client joins."""
+        active = {first.client, *(c for c in self._turns if self._queues.get(c)), *self._rejoining}
+        active -= self._busy_clients
+        active.add(first.client)
+        return max(1, -(-self.config.max_batch_size // len(active)))
+
     def _companions(self, first: Request) -> list[Request]:
-        """Queued get_action requests that can share ``first``'s call, taken in turn order, a client's
-        requests only from the head of its queue (order per client is kept)."""
+        """Queued get_action requests that can share ``first``'s call, taken round-robin across clients (one
+        per client per round), at most :meth:`fair_share` per client, a client's requests only from the head
+        of its queue (order per client is kept)."""
         key = self._key(first)
         taken: list[Request] = []
         room = self.config.max_batch_size - 1
+        share = self.fair_share(first)
+        counts = {first.client: 1}
         # ``first``'s client may contribute more requests, then every client in turn, repeatedly.
         order = [first.client, *self._turns]
         progress = True
@@ -227,9 +256,11 @@ class Scheduler:
             progress = False
             for client in order:
                 queue = self._queues.get(client)
-                if not queue or room == 0 or queue[0].endpoint != "get_action" or self._key(queue[0]) != key:
+                if not queue or room == 0 or counts.get(client, 0) >= share or queue[0].endpoint != "get_action" \
+                        or self._key(queue[0]) != key:
                     continue
                 taken.append(self._take(client))
+                counts[client] = counts.get(client, 0) + 1
                 room -= 1
                 progress = True
         busy = {first.client, *(r.client for r in taken)}

@@ -9,6 +9,8 @@ positions) and keeps only its phase between steps.
 from __future__ import annotations
 
 import copy
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,9 +185,16 @@ class ScriptedPolicy(BasePolicy):
 
     Served, each client keeps its own experts (keyed by client and batch index), so requests from
     several clients are answered in one call and one client's reset leaves the others' phases alone.
+    That state is bounded: at most :attr:`MAX_CLIENTS` clients (the least recently served is forgotten
+    first) and a client idle for :attr:`CLIENT_IDLE_S` seconds is forgotten (it restarts from the
+    observed state, as after a reset).
     """
 
     batchable = True
+    MAX_CLIENTS = 1024
+    """Clients whose experts are kept; serving one more forgets the least recently served."""
+    CLIENT_IDLE_S = 600.0
+    """A client not served for this long is forgotten."""
 
     def __init__(self, task: str, action_horizon: int = 16, *, n_action_steps: int = 8, strict: bool = True,
                  config: ExpertConfig | None = None) -> None:
@@ -194,7 +203,8 @@ class ScriptedPolicy(BasePolicy):
         self.action_horizon = action_horizon
         self.n_action_steps = max(1, min(n_action_steps, action_horizon))
         self.expert_config = config or ExpertConfig()
-        self._experts: dict[tuple[str, int], ScriptedExpert] = {}
+        # client -> (last served, monotonic; {batch index: expert}), least recently served first
+        self._clients: OrderedDict[str, tuple[float, dict[int, ScriptedExpert]]] = OrderedDict()
         spec = get_embodiment_spec("franka_panda")
         base = spec.modality_configs
         self._state_keys = list(base["state"].modality_keys) + STATE_KEYS[self.task]
@@ -221,9 +231,12 @@ class ScriptedPolicy(BasePolicy):
 
     def serve_reset(self, options: dict | None = None, client: str = "") -> Info:
         env_ids = (options or {}).get("env_ids")
-        for key in [k for k in self._experts if k[0] == client]:
-            if env_ids is None or key[1] in {int(i) for i in env_ids}:
-                del self._experts[key]
+        if env_ids is None:
+            self._clients.pop(client, None)
+        elif client in self._clients:
+            experts = self._clients[client][1]
+            for i in {int(i) for i in env_ids}:
+                experts.pop(i, None)
         return {}
 
     def _get_action(self, observation: Observation, options: dict | None = None) -> tuple[Action, Info]:
@@ -243,14 +256,38 @@ class ScriptedPolicy(BasePolicy):
         batch = next(iter(state.values())).shape[0]
         chunks = np.zeros((batch, self.action_horizon, 7), dtype=np.float32)
         phases = []
+        experts = self._touch(client)
         for b in range(batch):
-            expert = self._experts.setdefault((client, b), ScriptedExpert(self.task, self.expert_config))
+            expert = experts.get(b) or ScriptedExpert(self.task, self.expert_config)
             obs = {k: np.asarray(state[k][b, -1], dtype=np.float64) for k in self._state_keys}
-            chunks[b], self._experts[(client, b)] = rollout_chunk(expert, obs, self.action_horizon,
-                                                                  self.n_action_steps)
-            phases.append(self._experts[(client, b)].phase)
+            chunks[b], experts[b] = rollout_chunk(expert, obs, self.action_horizon, self.n_action_steps)
+            phases.append(experts[b].phase)
         action = {"arm": chunks[:, :, :6].copy(), "gripper": chunks[:, :, 6:].copy()}
         return action, {"phase": phases}
+
+
+    def _touch(self, client: str) -> dict[int, ScriptedExpert]:
+        """``client``'s experts, marked served now; clients idle too long or past :attr:`MAX_CLIENTS` are
+        forgotten (least recently served first)."""
+        now = time.monotonic()
+        experts = self._clients.pop(client, (now, {}))[1]
+        while self._clients:
+            oldest, (seen, _) = next(iter(self._clients.items()))
+            if len(self._clients) < self.MAX_CLIENTS and now - seen < self.CLIENT_IDLE_S:
+                break
+            del self._clients[oldest]
+        self._clients[client] = (now, experts)
+        return experts
+
+    @property
+    def clients(self) -> int:
+        """Clients whose experts are kept."""
+        return len(self._clients)
+
+    @property
+    def experts(self) -> dict[tuple[str, int], ScriptedExpert]:
+        """Every kept expert by (client, batch index)."""
+        return {(c, b): e for c, (_, experts) in self._clients.items() for b, e in experts.items()}
 
 
 def make_scripted_policy(task: str, action_horizon: int = 16, **kwargs: Any) -> ScriptedPolicy:

@@ -26,9 +26,10 @@ import zmq
 
 from ...errors import PolicyServeError, ProtocolError
 from ...security import CurveServer, curve_server
-from ...wire.gr00t import packb, unpackb
+from ...wire.gr00t import DecodeStats, _clip, packb, peek_request, unpackb
+from ..logs import SERVER_LOG
 from ..request import (
-    SHUTTING_DOWN, ActionResult, CallResult, Failure, FailureKind, Outcome, Request, error_message,
+    SHUTTING_DOWN, ActionResult, CallResult, Failure, FailureKind, Outcome, Request, ServerBusyError, error_message,
 )
 from .base import UNAUTHORIZED, DoorContext, FrontDoor, listening
 
@@ -39,6 +40,15 @@ QUEUED_ENDPOINT_ARGS = {"get_action": {"observation", "options"}, "reset": {"opt
 _RECV_BURST = 256  # messages read per wake-up before pending replies are sent again
 _MAX_ENVELOPE_FRAMES = 4  # request-id frames a REQ envelope may carry, the delimiter included
 _MAX_ENVELOPE_FRAME_BYTES = 255  # ZeroMQ ids are at most 255 bytes: larger frames are not an envelope
+SNDHWM = 64
+"""Replies ZeroMQ queues per client; past it (the client does not read) the door holds them, counted in bytes:
+past half of ``max_unsent_bytes`` held, that client's new requests are answered "server busy" (not decoded or
+queued); past ``max_unsent_bytes``, replies to it are dropped. So one client costs at most ``max_unsent_bytes``
+plus ``SNDHWM`` replies (each at most ``max_request_batch`` rows) plus the TCP buffers."""
+MAX_BACKLOGGED_CLIENTS = 1024
+"""Clients the door holds unsent replies for at once; replies to more non-reading clients are dropped."""
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 30_000
+"""ZMTP heartbeats: a peer silent for 30 s (gone without closing) is disconnected and its state freed."""
 
 __all__ = ["DEFAULT_PORT", "EndpointHandler", "Gr00tDoor", "encode_outcome", "log_error"]
 
@@ -97,10 +107,16 @@ class Gr00tDoor(FrontDoor):
             "get_action": EndpointHandler(None),
             "reset": EndpointHandler(None),
             "get_modality_config": EndpointHandler(self._modality_config, requires_input=False, inline=True),
+            "get_capabilities": EndpointHandler(self._capabilities, requires_input=False, inline=True),
         }
         self._zmq: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._outbox: deque[list[Any]] = deque()
+        self._backlog: dict[bytes, deque[list[Any]]] = {}  # identity -> replies ZeroMQ had no room for
+        self._backlog_bytes: dict[bytes, int] = {}
+        self._max_unsent_bytes = 64 << 20
+        self.dropped_replies = 0
+        """Replies dropped: to clients gone, or held past ``max_unsent_bytes`` for a client that does not read."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -121,6 +137,11 @@ class Gr00tDoor(FrontDoor):
         assert self._ctx is not None
         return self._ctx.modality_config
 
+    def _capabilities(self) -> list[str]:
+        """What the policy can do beyond a plain ``get_action`` (GR00T's servers lack this endpoint)."""
+        assert self._ctx is not None
+        return sorted(self._ctx.capabilities)
+
     def _kill(self) -> None:
         self._reading.clear()  # requests behind the kill are answered "shutting down" on close
         assert self._ctx is not None
@@ -135,8 +156,15 @@ class Gr00tDoor(FrontDoor):
         sock = self._zmq.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, context.hard_limit_bytes)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe raises Again (held, see SNDHWM); gone: dropped
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes it over
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        limits = getattr(context, "connections", None)
+        if limits is not None:
+            self._max_unsent_bytes = limits.max_unsent_bytes
+            sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(limits.open_timeout * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if context.curve_secret_key is not None:
             try:
                 self._curve = curve_server(self._zmq, sock, context.curve_secret_key, context.curve_authorized_keys)
@@ -209,9 +237,10 @@ class Gr00tDoor(FrontDoor):
                     poller.unregister(self._socket)
                     reading = False
                     self._stopped_reading.set()
-                events = dict(poller.poll(1000))
+                events = dict(poller.poll(20 if self._backlog else 1000))
                 if self._wake_r in events:
                     self._drain_wake()
+                self._send_held()
                 self._send_pending()
                 if reading and self._socket in events:
                     self._receive_burst()
@@ -223,8 +252,12 @@ class Gr00tDoor(FrontDoor):
         """Send what is pending, answer unread requests with "server shutting down", close the socket."""
         if self._socket is None:
             return
+        self._send_held()
         self._send_pending()
         self._refuse_unread()
+        self.dropped_replies += sum(len(q) for q in self._backlog.values())  # clients that do not read
+        self._backlog.clear()
+        self._backlog_bytes.clear()
         self._socket.close(linger=2000)  # let the last replies leave
         self._socket = None
 
@@ -255,7 +288,49 @@ class Gr00tDoor(FrontDoor):
         if self._socket is None:
             return
         while self._outbox:
-            self._socket.send_multipart(self._outbox.popleft(), copy=False)
+            self._send(self._outbox.popleft())
+
+    def _send(self, frames: list[Any]) -> None:
+        """Send a reply (``frames[0]`` is the client's identity) or, when ZeroMQ's pipe to that client is full,
+        hold it (in order) within ``max_unsent_bytes``; replies past that are dropped."""
+        identity = frames[0]
+        held = self._backlog.get(identity)
+        if held is None and self._try_send(frames):
+            return
+        size = sum(len(f) for f in frames)
+        if held is None:
+            if len(self._backlog) >= MAX_BACKLOGGED_CLIENTS:
+                self.dropped_replies += 1
+                return
+            held = self._backlog[identity] = deque()
+            self._backlog_bytes[identity] = 0
+        elif self._backlog_bytes[identity] + size > self._max_unsent_bytes:
+            self.dropped_replies += 1
+            return
+        held.append(frames)
+        self._backlog_bytes[identity] += size
+
+    def _try_send(self, frames: list[Any]) -> bool:
+        """True when ZeroMQ took the reply or the client is gone (dropped); False when its pipe is full."""
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.dropped_replies += 1  # the client disconnected: nobody to answer
+        return True
+
+    def _send_held(self) -> None:
+        """Retry the replies held for clients whose pipes were full; a client's state goes once it has read them."""
+        for identity in list(self._backlog):
+            held = self._backlog[identity]
+            while held and self._try_send(held[0]):
+                self._backlog_bytes[identity] -= sum(len(f) for f in held.popleft())
+            if not held:
+                del self._backlog[identity], self._backlog_bytes[identity]
 
     def _replier(self, envelope: list[bytes]) -> Callable[[Outcome], None]:
         """Reply callback for a scheduled request: encodes on the worker, sends on the I/O thread."""
@@ -268,7 +343,7 @@ class Gr00tDoor(FrontDoor):
 
     def _reply_now(self, envelope: list[bytes], payload: Any) -> None:
         assert self._socket is not None
-        self._socket.send_multipart([*envelope, _encode(payload)], copy=False)
+        self._send([*envelope, _encode(payload)])
 
     def _receive_burst(self) -> None:
         assert self._socket is not None
@@ -300,18 +375,27 @@ class Gr00tDoor(FrontDoor):
                 return
             size = sum(len(f) for f in frames[1:])
             ctx.check_size(size)
-            request = unpackb(frames[-1].buffer, writable=True)
-            if not isinstance(request, dict):
-                raise ProtocolError(f"request must be a msgpack map, got {type(request).__name__}")
-            if not ctx.authorized(request.get("api_token")):
+            held = self._backlog_bytes.get(identity, 0)
+            if held > self._max_unsent_bytes // 2:  # it does not read: nothing more is decoded or queued for it
+                raise ServerBusyError(
+                    f"server busy: {held} bytes of replies to this client are waiting for it to read them "
+                    f"(max_unsent_bytes={self._max_unsent_bytes}); read replies before sending more")
+            # Token and endpoint first, without decoding the payload: an unauthorized request costs O(1).
+            head = peek_request(frames[-1].buffer, expected_token=ctx.api_token)
+            if not ctx.authorized(head.api_token):
                 ctx.listener.unauthorized(PROTOCOL)
                 self._reply_now(envelope, {"error": UNAUTHORIZED})
                 return
-            endpoint = request.get("endpoint", "get_action")
-            spec = self._endpoints.get(endpoint) if isinstance(endpoint, str) else None
+            endpoint = head.endpoint
+            spec = self._endpoints.get(endpoint)
             if spec is None:
-                raise ProtocolError(f"Unknown endpoint: {_cut(str(endpoint))}")
-            data = (request.get("data") or {}) if spec.requires_input else {}
+                raise ProtocolError(f"Unknown endpoint: {_clip(endpoint)}")
+            data: Any = {}
+            if spec.requires_input and head.has_data:  # endpoints without input are never decoded
+                stats = DecodeStats()
+                request = unpackb(frames[-1].buffer, writable=True, stats=stats)
+                size = max(size, stats.decoded_bytes)  # what the queue holds: decoded size
+                data = (request.get("data") or {}) if isinstance(request, dict) else None
             if not isinstance(data, dict):
                 raise ProtocolError(f"request 'data' must be a map of arguments, got {type(data).__name__}")
             if spec.inline:
@@ -324,7 +408,7 @@ class Gr00tDoor(FrontDoor):
                 known = isinstance(endpoint, str) and endpoint in self._endpoints
                 ctx.listener.invalid(PROTOCOL, endpoint if known else "unknown")
                 if ctx.verbose:
-                    log_error(exc)
+                    log_error(exc, f"{PROTOCOL} {failure.kind.value}")
             self._reply_now(envelope, encode_outcome(failure))
 
     def _request(self, endpoint: str, spec: EndpointHandler, data: dict, envelope: list[bytes], size: int,
@@ -354,21 +438,15 @@ def _envelope(frames: list[zmq.Frame]) -> list[bytes] | None:
     return None
 
 
-def _cut(text: str, limit: int = 80) -> str:
-    """Client-supplied text, cut to ``limit`` characters."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _shown(value: Any) -> str:
-    """``repr`` of a client-supplied value, cut to 80 characters."""
-    return _cut(repr(value))
+    """A client-supplied value (a key) for an error: strings escaped and cut to 80 characters, anything else
+    named by its type only (no reprs)."""
+    return repr(_clip(value, 80)) if isinstance(value, str) else f"a {type(value).__name__} key"
 
 
-def log_error(exc: BaseException) -> None:
-    """Print a request's error (with the traceback for errors that are not ours)."""
-    import traceback
-
-    print(f"Error in server: {error_message(exc)}", flush=True)
-    if not isinstance(exc, PolicyServeError):
-        traceback.print_exception(exc)
+def log_error(exc: BaseException, kind: str | None = None) -> None:
+    """Log a request's error (with the traceback for errors that are not ours): escaped, one line, at most one
+    line per ``kind`` (default: the error's type) per second (:data:`~policyserve.serving.logs.SERVER_LOG`)."""
+    SERVER_LOG.error(kind or type(exc).__name__, f"Error in server: {error_message(exc)}",
+                     None if isinstance(exc, PolicyServeError) else exc)
 
