@@ -116,7 +116,7 @@ class ServerConfig:
 
 class _LogListener(SchedulerListener):
     def failed(self, request: Request, exc: BaseException) -> None:
-        log_error(exc)
+        log_error(exc, f"{request.protocol} {request.endpoint} failed")
 
 
 class PolicyServer:
