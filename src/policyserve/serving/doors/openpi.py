@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import http
 import itertools
+import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -33,14 +35,22 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
-from ...errors import ProtocolError
+from ...errors import ConfigError, ProtocolError
 from ...wire import openpi as openpi_codec
+from ...wire.gr00t import DecodeStats
 from ...wire.openpi_keys import OpenpiKeyMap, OpenpiMapping
+from ..logs import SERVER_LOG
 from ..request import ActionResult, CallResult, Failure, FailureKind, Outcome, Request, error_message
-from .base import UNAUTHORIZED, DoorContext, FrontDoor, listening
+from .base import (
+    UNAUTHORIZED, ConnectionLimits, DoorContext, FrontDoor, LimitedListener, PendingConnections, listening,
+)
 
 PROTOCOL = "openpi"
 DEFAULT_PORT = 8000
+SHUTDOWN_GRACE_S = 0.3
+"""At shutdown, how long clients get to take their last replies, then to answer the closing handshake."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long a client has to answer the closing handshake (idle timeout, refusals) before it is cut off."""
 
 __all__ = ["OpenpiFrontDoor"]
 
@@ -54,6 +64,10 @@ class _Connection:
     prev_total_ms: float | None = None
     reader: asyncio.Task | None = None
     writer: asyncio.Task | None = None
+    unsent_bytes: int = 0
+    """Bytes of replies ready (or being sent) that the client has not taken yet."""
+    in_flight: int = 0
+    """Requests read and not yet answered on the wire."""
 
 
 class OpenpiFrontDoor(FrontDoor):
@@ -62,6 +76,13 @@ class OpenpiFrontDoor(FrontDoor):
     ``host`` defaults to the server's; ``port=0`` picks a free port (see :attr:`port` after binding).
     ``key_map`` maps openpi keys to the policy's (default: see :mod:`~policyserve.wire.openpi_keys`).
     The server's ``api_token`` is required as openpi's client sends it: ``Authorization: Api-Key <token>``.
+    With the server's ``tls_cert`` the door serves ``wss://`` (TLS).
+
+    Connections are bounded (:class:`~policyserve.serving.doors.base.ConnectionLimits`): at most
+    ``max_pending`` in their handshake (a new one drops the oldest) within ``open_timeout`` s, at most
+    ``max_connections`` admitted (more get HTTP 503), closed after ``idle_timeout`` s without a message,
+    and at most ``max_unsent_bytes`` of replies held for a client that does not read (its further requests
+    are answered "server busy").
     """
 
     name = protocol = PROTOCOL
@@ -81,6 +102,18 @@ class OpenpiFrontDoor(FrontDoor):
         self._ids = itertools.count(1)
         self._metadata = b""
         self._reading = False
+        self._limits = ConnectionLimits()
+        self._pending = PendingConnections(self._limits.max_pending)
+        self._ssl: ssl.SSLContext | None = None
+        self._ws_logger = logging.getLogger(f"policyserve.openpi.{id(self)}")
+        self.refused = 0
+        self._admitting: set[ServerConnection] = set()
+        """Connections past :meth:`_process_request` whose handler has not started yet."""
+        """Connections refused at the handshake because ``max_connections`` were open."""
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self._ssl is not None else "ws"
 
     # -- lifecycle (driven by PolicyServer) ------------------------------------------------------
     def bind(self, context: DoorContext) -> int:
@@ -88,10 +121,16 @@ class OpenpiFrontDoor(FrontDoor):
         self.host = self.host or context.host
         self.mapping = OpenpiMapping(self.key_map, context.modality_config, context.modality_dims)
         self._metadata = openpi_codec.packb(self.mapping.metadata())
+        self._limits = context.connections
+        self._pending = PendingConnections(self._limits.max_pending)
+        self._ssl = tls_context(context.tls_cert, context.tls_key) if context.tls_cert else None
+        self._ws_logger.propagate = False  # websockets' own per-connection lines: rate-limited, see _WsLog
+        self._ws_logger.handlers[:] = [_WsLog(context.verbose)]
         host = "" if self.host in ("0.0.0.0", "*") else self.host
-        with listening(f"ws://{self.host}:{self.requested_port}", self.host, self.requested_port):
+        with listening(f"{self.scheme}://{self.host}:{self.requested_port}", self.host, self.requested_port):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            self._sock = socket.create_server((host, self.requested_port), family=family)
+            sock = socket.create_server((host, self.requested_port), family=family, backlog=1024)
+            self._sock = LimitedListener.wrap(sock, self._pending)
         self.port = self._sock.getsockname()[1]
         return self.port
 
@@ -102,12 +141,21 @@ class OpenpiFrontDoor(FrontDoor):
         self._thread.start()
         self._call(self._open(), 10.0)
         if self._ctx is not None and self._ctx.verbose:
-            print(f"openpi clients: listening on ws://{self.host}:{self.port}", flush=True)
+            print(f"openpi clients: listening on {self.scheme}://{self.host}:{self.port}", flush=True)
 
     def _run_loop(self) -> None:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
+        self._loop.set_exception_handler(self._loop_error)
         self._loop.run_forever()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own errors (e.g. accept() out of descriptors): one line per kind per second, no traceback."""
+        if self._ctx is not None and self._ctx.verbose:
+            exc = context.get("exception")
+            kind = type(exc).__name__ if exc is not None else "error"
+            SERVER_LOG.error(f"openpi-loop-{kind}", f"openpi door: {context.get('message', 'error')}"
+                      + (f": {error_message(exc)}" if exc is not None else ""))
 
     def _call(self, coroutine: Any, timeout: float) -> Any:
         assert self._loop is not None
@@ -115,9 +163,11 @@ class OpenpiFrontDoor(FrontDoor):
 
     async def _open(self) -> None:
         assert self._ctx is not None
+        limits = self._limits
         self._ws_server = await serve(
             self._handle, sock=self._sock, compression=None, max_size=self._ctx.hard_limit_bytes,
-            process_request=self._process_request,
+            process_request=self._process_request, open_timeout=limits.open_timeout, ssl=self._ssl,
+            close_timeout=CLOSE_TIMEOUT_S, logger=self._ws_logger,
         )
         self._reading = True
 
@@ -156,17 +206,37 @@ class OpenpiFrontDoor(FrontDoor):
         await self._stop_reading()
         if self._ws_server is None:
             return
-        # Handlers send what the scheduler has answered, then return; then the connections close.
-        if self._ws_server.handler_tasks:
-            await asyncio.wait(self._ws_server.handler_tasks, timeout=timeout)
+        # Handlers send what the scheduler has answered, then return; then the connections close. A client
+        # that does not take its replies (or answer the closing handshake) within the grace is cut off.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        progress = None
+        while loop.time() < deadline:
+            writers = [c.writer for c in self._connections if c.writer is not None and not c.writer.done()]
+            state = (len(writers), sum(c.unsent_bytes + c.in_flight for c in self._connections))
+            if not writers or state == progress:  # done, or nothing moved for a whole grace period
+                break
+            progress = state
+            await asyncio.wait(writers, timeout=min(SHUTDOWN_GRACE_S, max(0.0, deadline - loop.time())))
         for connection in list(self._connections):
-            if connection.writer is not None:
-                connection.writer.cancel()  # a reply that never came (a call still running past the timeout)
+            if connection.writer is not None and not connection.writer.done():
+                connection.writer.cancel()  # a client not reading, or a reply that never came
         self._ws_server.close(close_connections=True)
         try:
-            await asyncio.wait_for(self._ws_server.wait_closed(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ws_server.wait_closed()), SHUTDOWN_GRACE_S)
         except TimeoutError:
-            pass
+            for websocket in list(self._ws_server.all_connections):
+                websocket.transport.abort()  # never answered the closing handshake
+            try:
+                await asyncio.wait_for(self._ws_server.wait_closed(), 1.0)
+            except TimeoutError:
+                pass
+        # Nothing of this door may outlive its loop ("Task was destroyed but it is pending").
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
 
     # -- handshake -------------------------------------------------------------------------------
     def _process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
@@ -179,10 +249,23 @@ class OpenpiFrontDoor(FrontDoor):
             if scheme != "Api-Key" or not ctx.authorized(key.strip()):
                 ctx.listener.unauthorized(PROTOCOL)
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, UNAUTHORIZED + "\n")
+        self._admitting = {w for w in self._admitting if not w.transport.is_closing()}
+        if len(self._connections) + len(self._admitting) >= self._limits.max_connections:
+            self.refused += 1
+            if ctx.verbose:
+                SERVER_LOG.error("openpi-full", f"openpi door: refused a connection, {self._limits.max_connections} "
+                                         "open (max_connections)")
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"server busy: {self._limits.max_connections} connections open "
+                                      "(max_connections)\n")
+        self._admitting.add(connection)  # counted until its handler starts (or its handshake fails)
+        sock = connection.transport.get_extra_info("socket")
+        self._pending.admitted(sock.fileno() if sock is not None else None)
         return None
 
     # -- connections -----------------------------------------------------------------------------
     async def _handle(self, websocket: ServerConnection) -> None:
+        self._admitting.discard(websocket)
         connection = _Connection(f"openpi-{next(self._ids)}", websocket)
         self._connections.add(connection)
         writer = connection.writer = asyncio.create_task(self._write(connection))
@@ -206,10 +289,19 @@ class OpenpiFrontDoor(FrontDoor):
 
     async def _read(self, connection: _Connection) -> None:
         loop = asyncio.get_running_loop()
+        idle = self._limits.idle_timeout
         try:
             while self._reading:
-                message = await connection.websocket.recv()  # the only point where stop_reading cancels
+                try:  # recv() is the only point where stop_reading cancels; cancelling it loses no data
+                    async with asyncio.timeout(idle if idle > 0 else None):
+                        message = await connection.websocket.recv()
+                except TimeoutError:
+                    if connection.in_flight:
+                        continue  # waiting for its replies is not idling
+                    await connection.websocket.close(1000, f"idle for {idle:g} s (idle_timeout)")
+                    return
                 future = loop.create_future()
+                connection.in_flight += 1
                 self._dispatch(connection, message, time.perf_counter(), future, loop)
                 await asyncio.shield(connection.replies.put(future))
         except websockets.ConnectionClosed:
@@ -225,6 +317,9 @@ class OpenpiFrontDoor(FrontDoor):
                 await connection.websocket.send(frame)
             except websockets.ConnectionClosed:
                 continue  # drain the rest; nothing more can be sent
+            finally:
+                connection.unsent_bytes -= len(frame)
+                connection.in_flight -= 1
             if isinstance(frame, bytes) and received is not None:
                 connection.prev_total_ms = (time.perf_counter() - received) * 1000
 
@@ -235,25 +330,33 @@ class OpenpiFrontDoor(FrontDoor):
         assert ctx is not None and self.mapping is not None
         endpoint = "get_action"
         try:
+            if connection.unsent_bytes > self._limits.max_unsent_bytes:  # before any work: a client not reading
+                future.set_result((unread_busy(connection.unsent_bytes, self._limits.max_unsent_bytes), None))
+                _settled(connection, future)
+                return
             if isinstance(message, str):
                 raise ProtocolError("expected a binary msgpack-numpy frame, got a text frame")
             ctx.check_size(len(message))
-            obs = openpi_codec.unpackb(message)
+            stats = DecodeStats()
+            obs = openpi_codec.unpackb(message, stats=stats)
+            nbytes = max(len(message), stats.decoded_bytes)  # the queue's byte limit counts what decoding built
             if isinstance(obs, dict) and "__ctrl__" in obs:
                 endpoint = "reset"
-                self._control(connection, obs, len(message), received, future, loop)
+                self._control(connection, obs, nbytes, received, future, loop)
                 return
             observation = self.mapping.observation(obs)
             reply = self._replier(connection, future, loop, received, self._action_frame)
             ctx.submit(Request(connection.client, "get_action", {"observation": observation, "options": None},
-                               reply, nbytes=len(message), protocol=PROTOCOL, received=received))
+                               reply, nbytes=nbytes, protocol=PROTOCOL, received=received))
         except Exception as exc:  # noqa: BLE001 - answered as a text frame, the connection stays usable
             failure = Failure.from_exception(exc)
             if failure.kind not in (FailureKind.BUSY, FailureKind.SHUTTING_DOWN):
                 ctx.listener.invalid(PROTOCOL, endpoint)
                 if ctx.verbose:
-                    print(f"Error in openpi request: {error_message(exc)}", flush=True)
-            future.set_result((failure.message, None))
+                    SERVER_LOG.error("openpi-invalid", f"Error in openpi request: {error_message(exc)}")
+            if not future.done():
+                future.set_result((failure.message, None))
+                _settled(connection, future)
 
     def _control(self, connection: _Connection, obs: dict, nbytes: int, received: float, future: asyncio.Future,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -261,6 +364,7 @@ class OpenpiFrontDoor(FrontDoor):
         if control != "episode_start":
             future.set_result((openpi_codec.packb({"__ack__": "episode_end" if control == "episode_end"
                                                    else "ignored"}), None))
+            _settled(connection, future)
             return
         reply = self._replier(connection, future, loop, received, self._reset_frame)
         assert self._ctx is not None
@@ -281,7 +385,7 @@ class OpenpiFrontDoor(FrontDoor):
                 except Exception as exc:  # noqa: BLE001 - e.g. the policy's action lacks a mapped key
                     frame = error_message(exc)
             try:
-                loop.call_soon_threadsafe(_resolve, future, (frame, received))
+                loop.call_soon_threadsafe(_resolve, connection, future, (frame, received))
             except RuntimeError:
                 pass  # the door's loop has stopped: nobody is left to answer
 
@@ -306,6 +410,47 @@ class OpenpiFrontDoor(FrontDoor):
         return openpi_codec.packb({"__ack__": "episode_start"})
 
 
-def _resolve(future: asyncio.Future, value: Any) -> None:
+def _resolve(connection: _Connection, future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
+        _settled(connection, future)
+
+
+def _settled(connection: _Connection, future: asyncio.Future) -> None:
+    """Count a reply that is ready as unsent until the writer has handed it to the connection."""
+    connection.unsent_bytes += len(future.result()[0])
+
+
+def unread_busy(unsent: int, limit: int) -> str:
+    return (f"server busy: {unsent} bytes of replies to this connection are not read yet "
+            f"(max_unsent_bytes={limit}); read them before sending more requests")
+
+
+def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """The server-side TLS context of ``cert`` (PEM chain) and ``key``; :class:`ConfigError` naming
+    ``tls_cert``/``tls_key`` when they cannot be loaded."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"tls_cert/tls_key: no such file {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"tls_cert/tls_key: cannot load the certificate {cert} and key {key or cert}: "
+                          f"{exc.strerror or exc}") from None
+    return context
+
+
+class _WsLog(logging.Handler):
+    """websockets' log lines of this door: warnings and errors only, one per kind per second, no traceback."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.verbose = verbose
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.verbose:
+            return
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage() + (f": {error_message(exc)}" if exc is not None else "")
+        SERVER_LOG.error(f"openpi-ws-{record.msg}", f"openpi door: {message}")
