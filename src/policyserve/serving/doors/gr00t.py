@@ -395,7 +395,11 @@ class Gr00tDoor(FrontDoor):
                 stats = DecodeStats()
                 request = unpackb(frames[-1].buffer, writable=True, stats=stats)
                 size = max(size, stats.decoded_bytes)  # what the queue holds: decoded size
-                data = (request.get("data") or {}) if isinstance(request, dict) else None
+                if not isinstance(request, dict) or not ctx.authorized(request.get("api_token")):
+                    ctx.listener.unauthorized(PROTOCOL)  # the decoded message must agree with its head
+                    self._reply_now(envelope, {"error": UNAUTHORIZED})
+                    return
+                data = request.get("data") or {}
             if not isinstance(data, dict):
                 raise ProtocolError(f"request 'data' must be a map of arguments, got {type(data).__name__}")
             if spec.inline:
