@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 from contextlib import ExitStack, contextmanager
 
-import numpy as np
 import pytest
 import websockets
 import websockets.sync.client

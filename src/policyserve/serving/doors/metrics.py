@@ -19,7 +19,6 @@ import hmac
 import socket
 import threading
 import time
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 

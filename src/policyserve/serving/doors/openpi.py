@@ -107,9 +107,9 @@ class OpenpiFrontDoor(FrontDoor):
         self._ssl: ssl.SSLContext | None = None
         self._ws_logger = logging.getLogger(f"policyserve.openpi.{id(self)}")
         self.refused = 0
+        """Connections refused at the handshake because ``max_connections`` were open."""
         self._admitting: set[ServerConnection] = set()
         """Connections past :meth:`_process_request` whose handler has not started yet."""
-        """Connections refused at the handshake because ``max_connections`` were open."""
 
     @property
     def scheme(self) -> str:
