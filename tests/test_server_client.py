@@ -272,8 +272,29 @@ def test_no_server_ping_is_false_and_process_exits_promptly():
     assert elapsed < 15
 
 
+class GatedPolicy(SlowPolicy):
+    """Calls wait until ``gate`` is set (``started`` is set once one has begun): tests hold the worker in a call
+    deterministically instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.gate = threading.Event()
+
+    def _get_action(self, observation, options=None):
+        self.started.set()
+        assert self.gate.wait(30), "gate never opened"
+        return super()._get_action(observation, options)
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.002)
+
+
 def test_slow_get_action_does_not_block_another_clients_ping():
-    policy = SlowPolicy(delay=1.5)
+    policy = GatedPolicy()
     srv = PolicyServer(policy, port=0, verbose=False)
     srv.start()
     try:
@@ -285,13 +306,13 @@ def test_slow_get_action_does_not_block_another_clients_ping():
 
         t = threading.Thread(target=slow_call)
         t.start()
-        assert policy.started.wait(3)
-        with PolicyClient(port=srv.port, timeout_ms=3000) as fast:
-            start = time.perf_counter()
+        assert policy.started.wait(30)
+        with PolicyClient(port=srv.port, timeout_ms=10000) as fast:  # answered while the call is held
             assert fast.ping()
-            assert time.perf_counter() - start < 0.3
             assert fast.get_modality_config()["state"].modality_keys == ["eef_pos", "eef_quat", "gripper_pos"]
-        t.join(5)
+            assert not policy.gate.is_set() and t.is_alive()
+        policy.gate.set()
+        t.join(30)
         assert results["action"]["arm"].shape == (1, 16, 6)
     finally:
         srv.stop()
@@ -302,16 +323,17 @@ def test_requests_from_many_clients_are_batched_into_one_policy_call():
         def __init__(self):
             super().__init__(SPEC.modality_configs, SPEC.dims)
             self.batch_sizes = []
+            self.gate = threading.Event()
 
         def _get_action(self, observation, options=None):
             self.batch_sizes.append(observation["state"]["eef_pos"].shape[0])
-            time.sleep(0.05)
+            assert self.gate.wait(30), "gate never opened"
             action, info = super()._get_action(observation, options)
             action["arm"][:] = observation["state"]["eef_pos"][:, :, :1]  # echo input so splitting is checked
             return action, info
 
     policy = CountingPolicy()
-    srv = PolicyServer(policy, port=0, verbose=False, batch_window_ms=200)
+    srv = PolicyServer(policy, port=0, verbose=False)
     srv.start()
     try:
         outputs = {}
@@ -323,15 +345,19 @@ def test_requests_from_many_clients_are_batched_into_one_policy_call():
                 outputs[i] = c.get_action(obs)
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-        for t in threads:
+        threads[0].start()  # its call holds the worker (gate) while the three others queue
+        _wait_for(lambda: policy.batch_sizes == [1], "client 0's call started")
+        for t in threads[1:]:
             t.start()
+        _wait_for(lambda: srv.scheduler.queued == 3, "the three other requests are queued")
+        policy.gate.set()
         for t in threads:
-            t.join(10)
+            t.join(30)
         assert sorted(outputs) == [0, 1, 2, 3]
         for i, (action, info) in outputs.items():
             assert action["arm"].shape == (i + 1, 16, 6)
             assert np.all(action["arm"] == i)
-        assert sum(policy.batch_sizes) == 10 and len(policy.batch_sizes) < 4
+        assert policy.batch_sizes == [1, 2 + 3 + 4]
         assert max(info["server_timing"]["merged_requests"] for _, info in outputs.values()) > 1
     finally:
         srv.stop()

@@ -26,6 +26,31 @@ from serve_process import serve_process
 SPEC = get_embodiment_spec("franka_panda")
 
 
+class GatedPolicy(SlowPolicy):
+    """:class:`SlowPolicy` whose calls wait while ``gate`` is clear; ``entered`` counts the calls that started.
+    Tests hold the worker in a call with it and wait (bounded) for the state they assert on, so they never
+    race the worker."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay=delay)
+        self.gate = threading.Event()
+        self.entered = 0
+
+    def _get_action(self, observation, options=None):
+        with self.lock:
+            self.entered += 1
+        assert self.gate.wait(30), "gate never opened"
+        return super()._get_action(observation, options)
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Wait (bounded) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.002)
+
+
 def start(policy, **kwargs) -> PolicyServer:
     server = PolicyServer(policy, port=0, verbose=False, **kwargs)
     server.start()
@@ -34,17 +59,21 @@ def start(policy, **kwargs) -> PolicyServer:
 
 # -- continuous batching -----------------------------------------------------------------------------------
 def test_continuous_batching_merges_waiting_requests_without_a_window():
-    policy = SlowPolicy(delay=0.15)
+    policy = GatedPolicy()
     server = start(policy)  # batch_window_ms=0: only requests that queue during a call are merged
     try:
-        clients = [PolicyClient(port=server.port, timeout_ms=10000) for _ in range(5)]
+        clients = [PolicyClient(port=server.port, timeout_ms=30000) for _ in range(5)]
 
         def call(i):
-            if i:
-                time.sleep(0.05)  # arrive while client 0's call is running
+            if i:  # arrive while client 0's call is running
+                wait_for(lambda: policy.entered >= 1, "client 0's call started")
             return clients[i].get_action(marked_observation(i, batch=i + 1))
 
-        replies = concurrently([lambda i=i: call(i) for i in range(5)])
+        def release():
+            wait_for(lambda: server.scheduler.queued == 4, "the 4 other requests are queued")
+            policy.gate.set()
+
+        replies = concurrently([lambda i=i: call(i) for i in range(5)] + [release], timeout=60)[:5]
         for i, (action, info) in enumerate(replies):
             assert action["arm"].shape == (i + 1, 16, 6) and np.all(action["arm"] == i)
             assert "queue_ms" in info["server_timing"] and "policy_ms" in info["server_timing"]
@@ -169,7 +198,7 @@ def test_flooding_client_gets_busy_errors_and_cannot_delay_another_clients_reset
         n = 300
         for i in range(n):
             flood.send("get_action", {"observation": marked_observation(i % 7), "options": None})
-        time.sleep(0.1)  # the flood is queued (up to its limit) and being served
+        wait_for(lambda: len(policy.log) >= 1, "the flood is being served")
         with PolicyClient(port=server.port, timeout_ms=5000) as other:
             sent = time.perf_counter()
             assert other.ping()  # answered at once, whatever is queued
@@ -193,19 +222,22 @@ def test_flooding_client_gets_busy_errors_and_cannot_delay_another_clients_reset
 
 
 def test_total_queued_bytes_limit_refuses_at_once_and_names_the_limit():
-    policy = SlowPolicy(delay=0.3)
+    policy = GatedPolicy()
     obs = franka_observation(batch=4, size=64)
     size = len(packb({"endpoint": "get_action", "data": {"observation": obs, "options": None}}))
     server = start(policy, max_queued_bytes=int(size * 1.5), max_batch_size=1)
     dealers = [Dealer(server.port) for _ in range(4)]
     try:
-        for d in dealers:
+        dealers[0].send("get_action", {"observation": obs, "options": None})
+        wait_for(lambda: policy.entered == 1, "the first request is in a policy call")
+        dealers[1].send("get_action", {"observation": obs, "options": None})
+        wait_for(lambda: server.scheduler.queued == 1, "the second request is queued")
+        for d in dealers[2:]:
             d.send("get_action", {"observation": obs, "options": None})
-            time.sleep(0.02)
-        replies = [d.recv() for d in dealers]
-        busy = [r for r in replies if isinstance(r, dict)]
-        assert busy and all("server busy" in r["error"] and "max_queued_bytes" in r["error"] for r in busy)
-        assert sum(isinstance(r, list) for r in replies) >= 2  # the one in progress and the one that fitted
+        busy = [d.recv() for d in dealers[2:]]  # refused at once, while the call still waits
+        assert all("server busy" in r["error"] and "max_queued_bytes" in r["error"] for r in busy), busy
+        policy.gate.set()
+        assert all(isinstance(d.recv(), list) for d in dealers[:2])  # the one in progress and the one that fitted
         with PolicyClient(port=server.port, timeout_ms=5000) as c:
             assert c.get_action(obs)[0]["arm"].shape == (4, 16, 6)  # still serving
     finally:
@@ -238,17 +270,23 @@ def test_message_size_counts_every_frame_and_odd_envelopes_are_refused():
 
 # -- clean shutdown ------------------------------------------------------------------------------------------
 def test_stop_answers_the_call_in_progress_and_everything_queued(capfd):
-    policy = SlowPolicy(delay=0.5)
+    policy = GatedPolicy()
     server = PolicyServer(policy, port=0, verbose=True)
     server.start()
     dealers = [Dealer(server.port) for _ in range(3)]
     try:
         dealers[0].send("get_action", {"observation": marked_observation(5), "options": None})
-        time.sleep(0.1)  # client 0's call is in progress
+        wait_for(lambda: policy.entered == 1, "client 0's call is in progress")
         dealers[1].send("get_action", {"observation": marked_observation(6), "options": {"x": 1}})
         dealers[2].send("reset", {"options": None})
-        time.sleep(0.1)
-        assert server.stop(10) is True and server.closed
+        wait_for(lambda: server.scheduler.queued == 2, "the other two requests are queued")
+        stopped = []
+        stopper = threading.Thread(target=lambda: stopped.append(server.stop(10)))
+        stopper.start()
+        wait_for(lambda: server.scheduler._closed, "the scheduler has closed")  # the queued ones are answered
+        policy.gate.set()  # now the call in progress finishes
+        stopper.join(20)
+        assert stopped == [True] and server.closed
         assert not server._thread.is_alive()
         first = dealers[0].recv(2000)
         assert isinstance(first, list) and np.all(first[0]["arm"] == 5)
@@ -326,17 +364,19 @@ def test_serve_process_answers_queued_requests_on_sigterm():
 
 
 def test_requests_still_unread_at_shutdown_are_answered():
-    server = start(SlowPolicy(delay=0.5), max_batch_size=1)
+    policy = GatedPolicy()
+    server = start(policy, max_batch_size=1)
     dealer = Dealer(server.port)
     try:
         dealer.send("get_action", {"observation": marked_observation(1), "options": None})
-        time.sleep(0.1)  # in progress
+        wait_for(lambda: policy.entered == 1, "the call is in progress")
         stopper = threading.Thread(target=server.stop, args=(10,))
         stopper.start()  # stops reading at once, then waits for the call in progress
-        time.sleep(0.1)
+        wait_for(lambda: server.gr00t._stopped_reading.is_set(), "the door stopped reading")
         for i in range(5):  # these arrive while the server no longer reads
             dealer.send("get_action", {"observation": marked_observation(i), "options": None})
-        stopper.join(10)
+        policy.gate.set()
+        stopper.join(20)
         assert server.closed
         replies = [dealer.recv(3000) for _ in range(6)]
         assert isinstance(replies[0], list)
