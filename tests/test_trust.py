@@ -442,3 +442,27 @@ def test_serve_banner_says_a_replay_derived_its_keys(tmp_path: Path) -> None:
         banner = proc.banner
     assert "Keys: DERIVED from meta/info.json features (no meta/modality.json" in banner
     assert "Cameras left out (no video files): ['side']" in banner
+
+
+@pytest.mark.sim
+def test_a_camera_size_other_than_the_models_warns_once_naming_both_sizes(serve) -> None:
+    from policyserve.client.driver import DriverConfig
+    from policyserve.eval.envs import EnvConfig
+    from policyserve.eval.rollout import RolloutConfig, run_rollout
+
+    served = serve(_sampling_model())  # trained at 16x16: its reset info declares image_size [16, 16]
+    assert served.client.reset() == {"image_size": [16, 16]}
+
+    def warned(size: tuple[int, int]) -> list[str]:
+        config = RolloutConfig(env=EnvConfig(task="lift", camera_size=size), driver=DriverConfig(n_action_steps=4),
+                               n_episodes=2, n_envs=1, max_episode_steps=3, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            run_rollout(served.client, config)
+        return [str(w.message) for w in caught if w.category is CameraSizeWarning]
+
+    messages = warned((24, 32))
+    assert len(messages) == 1, messages  # once per run, not per episode or step
+    assert "renders cameras at 24x32 but the policy declares every camera at 16x16" in messages[0]
+    assert "changes the aspect ratio" in messages[0]
+    assert warned((16, 16)) == []

@@ -252,7 +252,6 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
     length = demos.check_step(config.demo_index, config.start_step)
     config = replace(config, env=resolve_env(config, demos))
     assert config.env is not None
-    warn_camera_size(config.env.camera_size, model)
     max_steps = config.max_steps or (length - config.start_step)
     replay_config = DriverConfig(n_action_steps=1, key_map=config.driver.key_map)
     video_keys = [k for policy in (model, replay) for k in policy.get_modality_config()["video"].modality_keys]
@@ -292,6 +291,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
                     check_replay_identity(demos, config.demo_index, config.start_step, sides[1].driver.last_info,
                                           actions[1], sides[1].where)
                     split = sides[1].driver.last_info.get("demo_split")
+                    warn_camera_size(config.env.camera_size, model, sides[0].driver.reset_info)
                 eefs = [np.asarray(side.obs["eef_pos"], dtype=np.float64) for side in sides]
                 _write_frame(writer, sides, config, t)
                 for side, action in zip(sides, actions):

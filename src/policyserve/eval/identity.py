@@ -8,7 +8,8 @@
 - :func:`demo_env_settings`: the task and camera size recorded in the HDF5 file's ``env_args``; a given value
   that conflicts with the recorded one is an error.
 - :func:`camera_size_warning`: the env renders cameras at another size (or aspect ratio) than the policy
-  declares it was trained on.
+  declares it was trained on (``get_modality_dims().video``, or ``image_size`` in its reset info, which is
+  how a model server declares it over the wire).
 """
 
 from __future__ import annotations
@@ -123,15 +124,25 @@ def camera_size_warning(env_size: tuple[int, int], declared: Mapping[str, tuple[
         if (int(h), int(w)) == (env_h, env_w):
             continue
         aspect = (" and changes the aspect ratio (frames are squashed)" if env_h * int(w) != env_w * int(h) else "")
-        return (f"the env renders cameras at {env_h}x{env_w} but the policy declares {key!r} at {int(h)}x{int(w)}: "
+        return (f"the env renders cameras at {env_h}x{env_w} but the policy declares {key} at {int(h)}x{int(w)}: "
                 f"frames are resized{aspect}; pass the camera size the policy was trained on")
     return None
 
 
-def warn_camera_size(env_size: tuple[int, int], policy: Any) -> str | None:
+def declared_camera_sizes(policy: Any, info: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int]]:
+    """Camera sizes the policy declares: ``get_modality_dims().video``, and ``info["image_size"]`` ((H, W) of
+    every camera, from a reply such as a model's reset info) as ``{"every camera": (H, W)}``."""
+    declared = {k: (int(h), int(w)) for k, (h, w) in policy.get_modality_dims().video.items()}
+    size = (info or {}).get("image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        declared.setdefault("every camera", (int(size[0]), int(size[1])))
+    return declared
+
+
+def warn_camera_size(env_size: tuple[int, int], policy: Any, info: Mapping[str, Any] | None = None) -> str | None:
     """Warn once (:class:`CameraSizeWarning`) when :func:`camera_size_warning` finds a mismatch against
-    ``policy.get_modality_dims().video``; returns the message (None: nothing to warn about)."""
-    message = camera_size_warning(env_size, dict(policy.get_modality_dims().video))
+    :func:`declared_camera_sizes`; returns the message (None: nothing to warn about)."""
+    message = camera_size_warning(env_size, declared_camera_sizes(policy, info))
     if message is not None:
         warnings.warn(message, CameraSizeWarning, stacklevel=2)
     return message

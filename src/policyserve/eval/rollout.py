@@ -228,6 +228,8 @@ class RolloutRunner:
         self.demos = DemoFile(config.hdf5_path) if config.demo_indices and config.hdf5_path else None
         self.unchecked: dict[int, int] = {}
         """Env -> the demo its new episode started from, until the policy's first reply for it was checked."""
+        self.camera_checked = False
+        """Whether the env's camera size was checked against the one the policy declares (after its first reply)."""
 
     def start_episode(self, env_id: int) -> None:
         """Give env ``env_id`` the next queued episode (reset it and the driver for it), or mark it idle."""
@@ -312,6 +314,9 @@ class RolloutRunner:
         if not any(active):
             return False
         actions = self.driver.act(self.envs.observation(self.keys), active)
+        if not self.camera_checked:
+            self.camera_checked = True
+            warn_camera_size(self.config.env.camera_size, self.driver.policy, self.driver.reset_info)
         for env_id in [i for i in self.unchecked if active[i]]:
             self._check_replay(env_id, actions[env_id])
         for env_id in np.flatnonzero(active):
@@ -384,7 +389,6 @@ def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *,
         demo_env_settings(demos, config.env.task, config.env.camera_size)  # a conflicting task or size: an error
         for demo in dict.fromkeys(config.demo_indices):
             demos.check_step(demo, 0)
-    warn_camera_size(config.env.camera_size, policy)
     driver = PolicyDriver(policy, n_envs, config.driver, owns_policy=owns_policy)
     own_envs: list[Any] = []
     try:

@@ -90,9 +90,12 @@ class ModelPolicy(BasePolicy):
         return ModalityDims(state=dict(cfg.state_dims), action=dict(cfg.action_dims))
 
     def reset(self, options: dict | None = None) -> Info:
+        """Restart the unseeded noise stream (with a policy seed); the info declares ``image_size``: the (H, W)
+        every camera is resized to, as the checkpoint was trained (clients warn when their cameras differ)."""
         if self.seed is not None:
             self._generator = torch.Generator().manual_seed(int(self.seed))
-        return {}
+        size = int(self.bundle.model_config.image_size)
+        return {"image_size": [size, size]}
 
     def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
         """Also checks ``options["rtc"]`` (a map, or one value per row in a merged call) against the action keys."""
