@@ -29,7 +29,7 @@ from policyserve.registry import get_embodiment_spec
 
 from helpers import LANG_KEY, franka_observation
 from serve_process import serve_process
-from test_serving import SlowPolicy, concurrently
+from test_serving import GatedPolicy, SlowPolicy, concurrently, wait_for
 
 pytestmark = pytest.mark.timeout(120)  # openpi's client has no receive timeout of its own
 SPEC = get_embodiment_spec("franka_panda")
@@ -242,22 +242,32 @@ def test_api_key_is_required_through_openpis_authorization_header():
 
 # -- one scheduler for both protocols ----------------------------------------------------------------------
 def test_gr00t_and_openpi_clients_are_merged_into_one_policy_call():
-    policy = SlowPolicy(delay=0.05)
-    server = start(policy, batch_window_ms=400)
+    policy = GatedPolicy()  # a third client's call holds the worker while both requests queue behind it
+    server = start(policy)
     try:
-        client = connect(server)
-        with PolicyClient(port=server.port, timeout_ms=10000) as gr00t:
+        client, blocker = connect(server), connect(server)
+        with PolicyClient(port=server.port, timeout_ms=20000) as gr00t:
+            first = threading.Thread(target=lambda: blocker.infer(franka_openpi_obs()))
+            first.start()
+            wait_for(lambda: policy.entered == 1, "the blocking call is running")
             openpi_obs = franka_openpi_obs()
             openpi_obs["observation/state"][0] = 7.0  # SlowPolicy echoes eef_pos[0] into the arm action
             gr00t_obs = franka_observation(batch=1)
             gr00t_obs["state"]["eef_pos"][:] = 3.0
-            openpi_reply, (gr00t_action, gr00t_info) = concurrently(
-                [lambda: client.infer(openpi_obs), lambda: gr00t.get_action(gr00t_obs)])
+
+            def release_when_both_queued():
+                wait_for(lambda: server.scheduler.queued == 2, "both requests are queued")
+                policy.gate.set()
+
+            openpi_reply, (gr00t_action, gr00t_info), _ = concurrently(
+                [lambda: client.infer(openpi_obs), lambda: gr00t.get_action(gr00t_obs), release_when_both_queued])
+            first.join(10)
         assert openpi_reply["server_timing"]["merged_requests"] == 2
         assert gr00t_info["server_timing"]["merged_requests"] == 2
         assert np.all(openpi_reply["actions"][:, :6] == 7.0) and np.all(gr00t_action["arm"] == 3.0)
-        assert [rows for what, _, rows in policy.log if what == "get_action"] == [2]
+        assert [rows for what, _, rows in policy.log if what == "get_action"] == [1, 2]
     finally:
+        policy.gate.set()
         server.stop(10)
 
 
@@ -276,7 +286,7 @@ def test_episode_start_control_message_resets_only_this_connection():
 
 # -- shutdown and ports ------------------------------------------------------------------------------------
 def test_stop_answers_the_call_in_progress_then_closes_openpi_connections():
-    policy = SlowPolicy(delay=0.5)
+    policy = GatedPolicy()  # the worker is held in the first call until the server is shutting down
     server = start(policy, gr00t=False)
     port = door_port(server)
     client, waiting = connect(server), connect(server)
@@ -290,11 +300,17 @@ def test_stop_answers_the_call_in_progress_then_closes_openpi_connections():
 
     threads = [threading.Thread(target=infer, args=("first", client))]
     threads[0].start()
-    time.sleep(0.2)  # the first call is running; the next request queues behind it
+    wait_for(lambda: policy.entered == 1, "the first call is running")
     threads.append(threading.Thread(target=infer, args=("queued", waiting)))
     threads[1].start()
-    time.sleep(0.1)
-    assert server.stop(10) and server.closed
+    wait_for(lambda: server.scheduler.queued == 1, "the second request is queued behind it")
+    stopped: list = []
+    stopper = threading.Thread(target=lambda: stopped.append(server.stop(10)))
+    stopper.start()
+    wait_for(lambda: server.scheduler._closed, "the scheduler is shutting down")
+    policy.gate.set()
+    stopper.join(20)
+    assert stopped == [True] and server.closed
     for t in threads:
         t.join(10)
     assert results["first"]["actions"].shape == (16, 7)  # finished and answered
