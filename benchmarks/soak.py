@@ -196,6 +196,10 @@ def hostile(kind: str, ports: dict, until: float, token: str, out) -> None:
     out.put((kind, sent, answered, note))
 
 
+HOSTILE_KINDS = ["bomb-no-token", "bomb-token", "non-reader", "flooder", "huge-batch", "unknown-endpoints", "churn",
+                 "idle"]
+
+
 def hostile_main(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -236,8 +240,7 @@ def hostile_main(args: argparse.Namespace) -> None:
 
     solo = phase(args.solo_seconds, [])
     t_hostile = time.time()
-    kinds = ["bomb-no-token", "bomb-token", "non-reader", "flooder", "huge-batch", "unknown-endpoints", "churn",
-             "idle"]
+    kinds = args.kinds.split(",") if args.kinds else HOSTILE_KINDS
     mixed = phase(args.minutes * 60, kinds)
     samples.append((time.time(), rss_mib(server.pid)))
     server.terminate()
@@ -346,6 +349,8 @@ def main() -> None:
     parser.add_argument("--hostile", action="store_true", help="well-behaved clients alongside hostile ones")
     parser.add_argument("--solo-seconds", type=float, default=15.0, help="--hostile: well-behaved alone first")
     parser.add_argument("--log", default=None, help="--hostile: server log file")
+    parser.add_argument("--kinds", default=None, help="--hostile: comma-separated subset of hostile kinds "
+                                                      "(default: all)")
     args = parser.parse_args()
     if args.hostile:
         hostile_main(args)
