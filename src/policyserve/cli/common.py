@@ -66,7 +66,8 @@ class EvalFlags:
     """
 
     ENV_FIELDS = ("task", "camera_size")
-    DRIVER_FIELDS = ("n_action_steps", "ensemble_coef", "async_inference", "async_threshold")
+    DRIVER_FIELDS = ("n_action_steps", "ensemble_coef", "async_inference", "async_threshold", "execution",
+                     "inference_delay_steps")
 
     def __init__(self, parser: argparse.ArgumentParser, env: Any, driver: Any) -> None:
         self.env_defaults = env
@@ -78,7 +79,10 @@ class EvalFlags:
             camera_size=Flag(default=None, help="+Default: the camera size --hdf5-path records, else "
                                                 f"{'x'.join(map(str, env.camera_size))}; a size other than the one "
                                                 "the policy declares gives a warning."))
-        self.driver_dests = add_config_flags(parser, driver, self.DRIVER_FIELDS)
+        from ..client.driver import EXECUTION_MODES
+
+        self.driver_dests = add_config_flags(parser, driver, self.DRIVER_FIELDS,
+                                             execution=Flag(choices=EXECUTION_MODES))
         parser.add_argument("--key-map", default=None, metavar="FILE",
                             help="JSON key map {video: {policy_key: env_key}, state: {...}, language: env_key}")
         parser.add_argument("--map", action="append", default=[], metavar="M.POLICY=ENV",

@@ -22,7 +22,7 @@ import csv
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from .divergence import ACTION_WINDOW, divergence_steps, first_step, max_diff_pe
 from .envs import EnvConfig, make_envs
 from .frames import compose_frame
 from .identity import check_replay_identity, demo_env_settings, demo_reset_options, warn_camera_size
-from .rollout import config_dict
+from .rollout import FRANKA_DELTA_DIMS, config_dict
+from .smoothness import Smoothness, smoothness
 
 SIDES = ("model", "replay")
 
@@ -98,6 +99,8 @@ class StepRecord:
     eef_distance: float
     success_model: bool
     success_replay: bool
+    model_source: int = -1
+    """Which model reply the model action came from (negative: holding still), see ``PolicyDriver.last_sources``."""
 
 
 @dataclass
@@ -150,8 +153,15 @@ class ComparisonResult:
             "demo_length": self.demo_length,
             "demo_split": self.demo_split,
             "policy_seed": (self.config.get("action_options") or {}).get("seed"),
+            **{f"model_{k}": v for k, v in self.model_smoothness.to_json().items()},
             "seconds": self.seconds,
         }
+
+    @property
+    def model_smoothness(self) -> Smoothness:
+        """J_B and J_I of the model side's executed actions (see :mod:`policyserve.eval.smoothness`)."""
+        actions = np.array([s.model_action for s in self.steps], dtype=np.float64).reshape(len(self.steps), -1)
+        return smoothness(actions, [s.model_source for s in self.steps])
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "first_obs_diff": self.first_obs_diff, "action_keys": self.action_keys,
@@ -267,7 +277,10 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
     out = Path(config.output_dir) if config.output_dir else None
     sides: list[_Side] = []
     try:
-        sides.append(_Side("model", model, batch, 0, config.driver))
+        model_config = config.driver
+        if own_envs and not model_config.hold_zero_dims:  # our Franka envs: dims 0-5 are deltas
+            model_config = replace(model_config, hold_zero_dims=FRANKA_DELTA_DIMS)
+        sides.append(_Side("model", model, batch, 0, model_config))
         sides.append(_Side("replay", replay, batch, 1, replay_config))
         state = demos.state(config.demo_index, config.start_step)
         reset_options = demo_reset_options(config.demo_index, config.start_step)
@@ -354,7 +367,7 @@ def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray
     return StepRecord(
         t, start + t, [float(v) for v in actions[0]], [float(v) for v in actions[1]], diff,
         [float(v) for v in eefs[0]], [float(v) for v in eefs[1]], float(np.linalg.norm(eefs[0] - eefs[1])),
-        sides[0].success, sides[1].success,
+        sides[0].success, sides[1].success, sides[0].driver.last_sources[0],
     )
 
 

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ from ..sim.vector import EnvBatch
 from .envs import EnvConfig, make_envs
 from .identity import check_replay_identity, demo_env_settings, demo_reset_options, warn_camera_size
 from .frames import compose_frame
+from .smoothness import Smoothness, mean_smoothness, smoothness
+
+FRANKA_DELTA_DIMS = (0, 1, 2, 3, 4, 5)
+"""The action dims of policyserve's Franka envs that are end-effector deltas (0 = no motion); dim 6 is the
+gripper command. A driver holding such an env still sets them to 0."""
 
 
 @dataclass
@@ -97,6 +102,12 @@ class EpisodeResult:
     video: str | None = None
     worker: int | None = None
     """The distributed worker that ran it (None in a single-process rollout)."""
+    jerk_boundary: float | None = None
+    """J_B: mean jerk of the executed actions at chunk boundaries (see :mod:`policyserve.eval.smoothness`)."""
+    jerk_inner: float | None = None
+    """J_I: mean jerk of the executed actions inside chunks."""
+    jerk_ratio: float | None = None
+    """J_B / J_I."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,6 +158,19 @@ class RolloutReport:
     def mean_steps(self) -> float:
         return float(np.mean([e.steps for e in self.episodes])) if self.episodes else 0.0
 
+    @property
+    def mean_steps_to_success(self) -> float | None:
+        """Mean steps of the successful episodes (an episode ends at its success); None without any."""
+        steps = [e.steps for e in self.episodes if e.success]
+        return float(np.mean(steps)) if steps else None
+
+    @property
+    def smoothness(self) -> Smoothness:
+        """Mean J_B and J_I over the episodes."""
+        return mean_smoothness([Smoothness(math.nan if e.jerk_boundary is None else e.jerk_boundary,
+                                           math.nan if e.jerk_inner is None else e.jerk_inner)
+                                for e in self.episodes])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "success_rate": self.success_rate,
@@ -155,6 +179,8 @@ class RolloutReport:
             "n_episodes": self.n_episodes,
             "mean_return": self.mean_return,
             "mean_steps": self.mean_steps,
+            "mean_steps_to_success": self.mean_steps_to_success,
+            **self.smoothness.to_json(),
             "episodes": [e.to_dict() for e in self.episodes],
             "timing": self.timing,
             "config": self.config,
@@ -170,8 +196,10 @@ class RolloutReport:
 
     def summary(self) -> str:
         lo, hi = self.ci95
+        jerk = self.smoothness
         return (f"success rate: {self.success_rate:.3f} ({self.successes}/{self.n_episodes}, 95% CI "
-                f"[{lo:.3f}, {hi:.3f}]), mean return {self.mean_return:.3f}, mean steps {self.mean_steps:.1f}")
+                f"[{lo:.3f}, {hi:.3f}]), mean return {self.mean_return:.3f}, mean steps {self.mean_steps:.1f}, "
+                f"jerk at chunk boundaries {jerk.boundary:.4f} / inside chunks {jerk.inner:.4f}")
 
 
 def config_dict(*configs: Any) -> dict[str, Any]:
@@ -194,6 +222,10 @@ class _Slot:
     result: EpisodeResult
     writer: VideoWriter | None = None
     text: str = ""
+    actions: list[np.ndarray] = field(default_factory=list)
+    """Executed actions, for the smoothness metrics."""
+    sources: list[int] = field(default_factory=list)
+    """Which reply (or stretch of holding still) each executed action came from."""
 
 
 def print_progress(bar: Any, result: EpisodeResult, done: Sequence[EpisodeResult]) -> None:
@@ -277,6 +309,9 @@ class RolloutRunner:
         slot = self.slots[env_id]
         assert slot is not None
         result = slot.result
+        jerk = smoothness(np.reshape(slot.actions, (len(slot.actions), -1)), slot.sources).to_json()
+        result.jerk_boundary, result.jerk_inner, result.jerk_ratio = (
+            jerk["jerk_boundary"], jerk["jerk_inner"], jerk["jerk_ratio"])
         if slot.writer is not None:
             slot.writer.close()
             final = slot.writer.path.with_name(f"episode_{result.episode:03d}_s{int(result.success)}.mp4")
@@ -320,6 +355,10 @@ class RolloutRunner:
         for env_id in [i for i in self.unchecked if active[i]]:
             self._check_replay(env_id, actions[env_id])
         for env_id in np.flatnonzero(active):
+            slot = self.slots[env_id]
+            assert slot is not None
+            slot.actions.append(np.array(actions[env_id], dtype=np.float64))
+            slot.sources.append(self.driver.last_sources[env_id])
             self.step_env(int(env_id), actions[env_id])
         return True
 
@@ -389,7 +428,10 @@ def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *,
         demo_env_settings(demos, config.env.task, config.env.camera_size)  # a conflicting task or size: an error
         for demo in dict.fromkeys(config.demo_indices):
             demos.check_step(demo, 0)
-    driver = PolicyDriver(policy, n_envs, config.driver, owns_policy=owns_policy)
+    driver_config = config.driver
+    if envs is None and not driver_config.hold_zero_dims:  # our Franka envs: dims 0-5 are deltas
+        driver_config = replace(driver_config, hold_zero_dims=FRANKA_DELTA_DIMS)
+    driver = PolicyDriver(policy, n_envs, driver_config, owns_policy=owns_policy)
     own_envs: list[Any] = []
     try:
         if envs is None:
