@@ -285,6 +285,27 @@ def test_scripted_expert_keeps_at_most_max_clients_and_forgets_idle_ones():
         srv.stop(10)
 
 
+def test_replay_keeps_at_most_max_clients_and_caps_rows(gr1_dataset_path):
+    from policyserve.policies.replay import make_replay_policy
+
+    policy = make_replay_policy(gr1_dataset_path, 8)
+    policy.MAX_CLIENTS = 3
+    srv = PolicyServer(policy, port=0, verbose=False, max_request_batch=16)
+    srv.start()
+    try:
+        for _ in range(8):  # short-lived clients: each a new identity with its own cursor
+            with PolicyClient(port=srv.port, timeout_ms=10_000) as client:
+                client.get_action(None, {"batch_size": 2})
+        assert len(policy._clients) == 3
+        with PolicyClient(port=srv.port, timeout_ms=10_000) as client:
+            with pytest.raises(Exception, match=r"17 rows .*max_request_batch=16"):
+                client.get_action(None, {"batch_size": 17})  # rows without an observation count too
+            assert client.get_action(None, {"batch_size": 16})[1]["current_step"] is not None
+        assert len(policy._clients) == 3
+    finally:
+        srv.stop(10)
+
+
 # -- safe errors and logs ------------------------------------------------------------------------------------------
 FORGED = "\x1b[31mok\nFORGED Server is ready and listening on tcp://0.0.0.0:1\r"
 

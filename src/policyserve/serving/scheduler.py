@@ -129,8 +129,13 @@ class Scheduler:
             self._lock.notify()
 
     def _check_rows(self, request: Request) -> None:
+        observation, options = request.data.get("observation"), request.data.get("options")
         try:
-            rows = batch_size_of(request.data.get("observation"))
+            if observation is None and isinstance(options, dict):  # e.g. replay: options["batch_size"] rows
+                size = options.get("batch_size", 1)
+                rows = size if isinstance(size, int) else 1
+            else:
+                rows = batch_size_of(observation)
         except (ValueError, TypeError):
             return  # the policy's validation names what is wrong with the observation
         if rows > self.config.max_request_batch:
