@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
                               max_message_bytes=Flag(name="max-message-mb", scale=MiB, metavar="MiB"))
     scheduler = add_config_flags(
         p, SchedulerConfig, ["max_batch_size", "batch_window_ms", "rejoin_wait_ms", "max_queued_per_client",
-                             "max_queued_bytes"],
+                             "max_queued_bytes", "max_request_batch"],
         max_queued_bytes=Flag(name="max-queued-mb", scale=MiB, metavar="MiB"))
     field_flags(p).update(host="--host", api_token="--api-token")
     p.add_argument("--protocol", choices=("gr00t", "openpi"), default="gr00t",
