@@ -258,7 +258,8 @@ def hostile_main(args: argparse.Namespace) -> None:
     hs = [(t, r) for t, r in samples if t >= t_hostile]
     t0, t1 = hs[0][0], hs[-1][0]
     second = [(t, r) for t, r in hs if t >= (t0 + t1) / 2]
-    slope = (second[-1][1] - second[0][1]) / max(1e-9, second[-1][0] - second[0][0]) * 60
+    # least-squares slope over the second half (single samples jump by a bomb's 16 MB in flight)
+    slope = float(np.polyfit([t for t, _ in second], [r for _, r in second], 1)[0] * 60) if len(second) > 2 else 0.0
     print(f"soak --hostile: {args.minutes} min hostile (+{args.solo_seconds} s solo), {args.clients} well-behaved "
           f"clients, hostile kinds: {', '.join(kinds)}")
     print(f"well-behaved get_action ms: solo p50 {np.percentile(solo_ms, 50):.1f} p99 {np.percentile(solo_ms, 99):.1f} "
@@ -266,7 +267,8 @@ def hostile_main(args: argparse.Namespace) -> None:
           f"{np.percentile(mixed_ms, 99):.1f} (n={len(mixed_ms)}); p99 ratio "
           f"{np.percentile(mixed_ms, 99) / np.percentile(solo_ms, 99):.2f}x (goal <= 3x)")
     print(f"server RSS MiB: start {hs[0][1]:.0f}, peak {max(r for _, r in hs):.0f}, end {hs[-1][1]:.0f}; "
-          f"second-half slope {slope:+.1f} MiB/min")
+          f"second half {min(r for _, r in second):.0f}..{max(r for _, r in second):.0f}, least-squares slope "
+          f"{slope:+.1f} MiB/min")
     print("RSS samples:", " ".join(f"{r:.0f}" for _, r in hs))
     print(f"server log: {log_size} bytes ({log_path}); lines starting 'FORGED': "
           f"{sum(line.startswith('FORGED') for line in text.splitlines())}; tracebacks: {text.count('Traceback')}")

@@ -218,6 +218,14 @@ def test_request_with_too_many_rows_is_refused_naming_the_limit(server):
         assert client.get_action(franka_observation(batch=64))[0]["arm"].shape == (64, 16, 6)
 
 
+def test_serve_flag_max_request_batch(tmp_path):
+    with serve_logged(tmp_path, "--max-request-batch", "4") as (_, port, _log):
+        with PolicyClient(port=port, timeout_ms=30_000) as client:
+            with pytest.raises(Exception, match=r"5 rows .*max_request_batch=4"):
+                client.get_action(franka_observation(batch=5))
+            assert client.get_action(franka_observation(batch=4))[0]["arm"].shape == (4, 16, 6)
+
+
 def test_client_that_never_reads_gets_server_busy_and_replies_held_are_bounded():
     srv = PolicyServer(ConstantPolicy(SPEC.modality_configs, SPEC.dims), port=0, verbose=False,
                        max_unsent_bytes=2 * MB, max_queued_per_client=8)
