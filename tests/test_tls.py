@@ -109,10 +109,40 @@ def test_a_client_that_does_not_trust_the_certificate_is_refused_and_others_serv
 
 def test_tls_files_that_cannot_be_loaded_fail_the_bind_naming_the_field(tmp_path):
     cert, key = self_signed(tmp_path)
-    with pytest.raises(ConfigError, match="tls_cert/tls_key: no such file"):
+    with pytest.raises(ConfigError, match="tls_cert .*missing.crt is not a file"):
         start(tls_cert=str(tmp_path / "missing.crt"), tls_key=key)
+    with pytest.raises(ConfigError, match="tls_key .*missing.key is not a file"):
+        start(tls_cert=cert, tls_key=str(tmp_path / "missing.key"))
     (tmp_path / "junk.crt").write_text("not a certificate")
-    with pytest.raises(ConfigError, match="tls_cert/tls_key: cannot load"):
+    with pytest.raises(ConfigError, match="tls_cert .*junk.crt and tls_key .* cannot be loaded"):
         start(tls_cert=str(tmp_path / "junk.crt"), tls_key=key)
     with pytest.raises(ConfigError, match="tls_key needs tls_cert"):
         start(tls_key=key)
+
+
+def test_cli_serve_tls_flags_serve_wss_and_the_limits_are_flags(tmp_path, monkeypatch):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from serve_process import serve_process
+
+    help_text = subprocess.run([sys.executable, "-m", "policyserve", "serve", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    for flag in ("--tls-cert", "--tls-key", "--max-connections", "--max-pending-connections", "--open-timeout",
+                 "--idle-timeout", "--max-unsent", "--metrics-token"):
+        assert flag in help_text, flag
+    cert, key = self_signed(tmp_path)
+    ready = re.compile(r"openpi clients: listening on wss://[\d.]+:(\d+)")
+    with serve_process("--protocol", "openpi", "--tls-cert", cert, "--tls-key", key, "--max-connections", "4",
+                       ready=ready) as (proc, port):
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+        client = WebsocketClientPolicy(f"wss://127.0.0.1:{port}")
+        assert client.infer(franka_openpi_obs())["actions"].shape == (16, 7)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    bad = subprocess.run([sys.executable, "-m", "policyserve", "serve", "--protocol", "openpi", "--port", "0",
+                          "--tls-cert", str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--tls-cert" in bad.stderr and "missing.pem is not a file" in bad.stderr

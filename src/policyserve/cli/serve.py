@@ -48,8 +48,11 @@ def register(sub: Any) -> None:
         policy=Flag(help="built-in policy: 'scripted:lift', 'scripted:stack', 'constant'"),
         sim_wrapper=Flag(name="use-sim-policy-wrapper"),
     )
-    server = add_config_flags(p, ServerConfig, ["max_message_bytes", "curve_secret_key", "curve_authorized_keys"],
-                              max_message_bytes=Flag(name="max-message-mb", scale=MiB, metavar="MiB"))
+    server = add_config_flags(p, ServerConfig, ["max_message_bytes", "curve_secret_key", "curve_authorized_keys",
+                                                "tls_cert", "tls_key", "max_connections", "max_pending_connections",
+                                                "open_timeout", "idle_timeout", "max_unsent_bytes", "metrics_token"],
+                              max_message_bytes=Flag(name="max-message-mb", scale=MiB, metavar="MiB"),
+                              max_unsent_bytes=Flag(name="max-unsent-mb", scale=MiB, metavar="MiB"))
     scheduler = add_config_flags(
         p, SchedulerConfig, ["max_batch_size", "batch_window_ms", "rejoin_wait_ms", "max_queued_per_client",
                              "max_queued_bytes", "max_request_batch"],

@@ -22,6 +22,7 @@ import asyncio
 import http
 import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -428,16 +429,17 @@ def unread_busy(unsent: int, limit: int) -> str:
 
 def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
     """The server-side TLS context of ``cert`` (PEM chain) and ``key``; :class:`ConfigError` naming
-    ``tls_cert``/``tls_key`` when they cannot be loaded."""
+    ``tls_cert`` or ``tls_key`` when they cannot be loaded."""
+    for field, path in (("tls_cert", cert), ("tls_key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"tls_cert and tls_key must be PEM files; {field} {path} is not a file")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"tls_cert/tls_key: no such file {exc.filename}") from None
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"tls_cert/tls_key: cannot load the certificate {cert} and key {key or cert}: "
-                          f"{exc.strerror or exc}") from None
+        raise ConfigError(f"tls_cert {cert} and tls_key {key or cert} cannot be loaded as a PEM certificate and its "
+                          f"private key: {getattr(exc, 'reason', None) or exc.strerror or exc}") from None
     return context
 
 
