@@ -146,3 +146,36 @@ def test_cli_serve_tls_flags_serve_wss_and_the_limits_are_flags(tmp_path, monkey
                           "--tls-cert", str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "--tls-cert" in bad.stderr and "missing.pem is not a file" in bad.stderr
+
+
+def test_idle_sockets_on_the_tls_port_drop_each_other_not_admitted_clients(tmp_path, monkeypatch):
+    import select
+    import socket
+
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    server, door = start(tls_cert=cert, tls_key=key, max_pending_connections=3)
+    socks = []
+    try:
+        client = WebsocketClientPolicy(f"wss://127.0.0.1:{door.port}")  # admitted: no longer pending
+        socks = [socket.create_connection(("127.0.0.1", door.port), timeout=10) for _ in range(8)]
+
+        def dropped(s: socket.socket) -> bool:
+            if not select.select([s], [], [], 0)[0]:
+                return False
+            try:
+                return s.recv(1, socket.MSG_PEEK) == b""
+            except ConnectionError:
+                return True
+
+        deadline = time.monotonic() + 10
+        while sum(dropped(s) for s in socks[:5]) < 5:  # the 5 oldest silent sockets, never the admitted client
+            assert time.monotonic() < deadline, "oldest idle TLS sockets were not dropped"
+            time.sleep(0.01)
+        assert client.infer(franka_openpi_obs())["actions"].shape == (16, 7)
+        assert WebsocketClientPolicy(f"wss://127.0.0.1:{door.port}").infer(franka_openpi_obs())["actions"].shape \
+            == (16, 7)
+    finally:
+        for s in socks:
+            s.close()
+        server.stop(10)
