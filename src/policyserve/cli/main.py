@@ -120,6 +120,17 @@ def _raise_usage_errors(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: this program's, ``sys.argv``) and return its exit code; as the
+    program (no ``argv``), a process where a Ray core worker ran exits here, skipping Ray's C-level exit
+    handler that can crash after ``ray.shutdown`` (``policyserve.cluster.runtime.exit_process``)."""
+    code = _run(argv)
+    runtime = sys.modules.get("policyserve.cluster.runtime")
+    if argv is None and runtime is not None and runtime.core_worker_ran():
+        runtime.exit_process(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args: Any = None
     try:

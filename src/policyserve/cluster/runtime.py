@@ -12,6 +12,12 @@ authentication is on with a fresh random token that only this process and the in
 hold (in their environment; nothing is written to disk). Joining a cluster that refuses this process's
 token (none set, or the wrong one) fails at once with :class:`RayAuthError` naming the cause.
 
+Leaving a local instance (:func:`leave_ray`) waits, bounded, until every one of its processes has exited
+(Ray's own shutdown gives the raylet one second, then kills it, orphaning its agents), terminating the ones
+that linger. A process that ran a Ray core worker can crash in Ray's C++ exit handler after ``ray.shutdown``
+(its IO thread still runs while the handler destroys it); :func:`exit_process` leaves such a process
+without running C-level exit handlers, as the command line does (:func:`core_worker_ran`).
+
 :func:`absolute_paths` is what every sender of configurations to Ray workers applies: workers run in
 another directory, so relative paths are made absolute on the driver.
 """
@@ -23,7 +29,9 @@ import ipaddress
 import logging
 import os
 import secrets
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,9 +48,14 @@ PATH_FIELDS = frozenset({"model_path", "dataset_path", "modality_config_path", "
                          "output_dir"})
 """Configuration fields that :func:`absolute_paths` treats as paths on the driver's file system."""
 
+PROCESS_EXIT_WAIT_S = 5.0
+"""How long leaving a local instance waits for its processes to exit before terminating the rest (then as
+long again before killing them)."""
+
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP = loopback
 _T = TypeVar("_T")
+_core_worker_ran = False
 
 
 class RayUnavailableError(PolicyServeError):
@@ -89,6 +102,9 @@ def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     if address:
         _refresh_auth_config()
         _check_token(address)
+    global _core_worker_ran
+    _core_worker_ran = True  # from here on a core worker may exist in this process (see exit_process)
+    before = None if address else _descendants()
     try:
         if address:
             with _ray_env({}, loopback=_is_loopback(address)):
@@ -103,12 +119,75 @@ def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_
                          object_store_memory=object_store_mb * 2**20, include_dashboard=False,
                          dashboard_host=LOOPBACK, _system_config={"worker_niceness": 0}, **common)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        ray.shutdown()
+        _abandon(ray, before)
         if address and _caused_by_auth(exc):
             raise RayAuthError(_auth_message(address)) from None
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RayUnavailableError(f"could not start or reach {where}: {exc}") from None
+    except BaseException:  # Ctrl-C while the instance starts: what has started stops too
+        _abandon(ray, before)
+        raise
     return RayConnection(ray, connected=True, local=not address)
+
+
+def leave_ray(connection: RayConnection, *, wait_s: float = PROCESS_EXIT_WAIT_S) -> None:
+    """Undo :func:`join_ray`: shut Ray down if that call initialised it; for a local instance, also wait up to
+    ``wait_s`` for all of its processes (GCS, raylet, agents, workers) to exit, then terminate the ones left,
+    and kill those still there ``wait_s`` later. Returns once they are gone (or cannot be signalled)."""
+    if not connection.connected:
+        return
+    _shutdown(connection.ray, _instance_processes(connection.ray) if connection.local else [], wait_s)
+
+
+def _abandon(ray: Any, before: dict[tuple[int, float], Any] | None) -> None:
+    """Shut down a ``ray.init`` that failed or was interrupted; for a local instance (``before``: this process's
+    descendants before it started), also stop every process it started, recorded by Ray or not yet."""
+    if before is None:
+        ray.shutdown()
+        return
+    recorded = _instance_processes(ray)  # none when ray.init stopped before it recorded its node
+    new = [p for key, p in _descendants().items() if key not in before]
+    found = {p.pid: p for p in (*recorded, *new)}
+    # what Ray has not recorded, its shutdown does not stop: terminated at once
+    _shutdown(ray, list(found.values()), PROCESS_EXIT_WAIT_S, first_wait_s=PROCESS_EXIT_WAIT_S if recorded else 0.0)
+
+
+def _shutdown(ray: Any, processes: list[Any], wait_s: float, first_wait_s: float | None = None) -> None:
+    """``ray.shutdown()``, then wait up to ``first_wait_s`` (default ``wait_s``) for ``processes`` to exit;
+    the ones left, and the children they have started meanwhile, are terminated, then killed ``wait_s``
+    later."""
+    ray.shutdown()
+    left = _wait_gone(processes, wait_s if first_wait_s is None else first_wait_s)
+    for stop in ("terminate", "kill"):
+        left = _with_children(left)  # a raylet still starting its agents and workers: signalled together
+        for process in left:
+            try:
+                getattr(process, stop)()
+            except Exception:  # noqa: BLE001 - gone meanwhile, or not ours to signal
+                pass
+        left = _wait_gone(left, wait_s)
+
+
+def core_worker_ran() -> bool:
+    """Whether :func:`join_ray` started or joined Ray in this process (a Ray core worker may have run here)."""
+    return _core_worker_ran
+
+
+def exit_process(code: int) -> None:
+    """End this process with ``code`` after Python's exit handlers and a flush of stdout/stderr, without the
+    C-level exit handlers: Ray's core worker registers one that may destroy the worker while its IO thread
+    still runs, a segfault (exit -11) after a clean ``ray.shutdown`` (seen after Ctrl-C)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or broken stream: nothing more to say
+                pass
+        os._exit(code)
 
 
 @contextmanager
@@ -120,8 +199,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     try:
         yield connection.ray
     finally:
-        if connection.connected:
-            connection.ray.shutdown()
+        leave_ray(connection)
 
 
 def absolute_paths(config: _T, *, cwd: str | None = None) -> _T:
@@ -174,6 +252,77 @@ def loopback_serve_replica() -> None:
 
 
 # -- internals ---------------------------------------------------------------------------------------------
+def _instance_processes(ray: Any) -> list[Any]:
+    """The processes of the local instance this process started (psutil handles, safe against pid reuse): the
+    ones ``ray.init`` spawned and all of their descendants; empty when Ray or psutil does not tell."""
+    try:
+        import psutil  # after ray: Ray ships the psutil it uses
+
+        node = ray._private.worker._global_node
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    except (ImportError, AttributeError):
+        return []
+    found: dict[int, Any] = {}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            for process in (root, *root.children(recursive=True)):
+                found.setdefault(process.pid, process)
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def _descendants() -> dict[tuple[int, float], Any]:
+    """This process's descendants, keyed by (pid, start time); empty without psutil."""
+    try:
+        import psutil  # after ray: Ray ships the psutil it uses
+    except ImportError:
+        return {}
+    found = {}
+    try:
+        for process in psutil.Process().children(recursive=True):
+            try:
+                found[(process.pid, process.create_time())] = process
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        pass
+    return found
+
+
+def _with_children(processes: list[Any]) -> list[Any]:
+    """``processes`` and all of their running descendants (once each)."""
+    found: dict[int, Any] = {}
+    for process in processes:
+        found.setdefault(process.pid, process)
+        try:
+            for child in process.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
+            continue
+    return list(found.values())
+
+
+def _wait_gone(processes: list[Any], timeout: float) -> list[Any]:
+    """Wait up to ``timeout`` s for ``processes`` to exit (a zombie has); the ones still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in processes if _running(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _running(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
     if host == "localhost":
@@ -280,5 +429,6 @@ def _auth_message(address: str) -> str:
             "cluster's token in RAY_AUTH_TOKEN or the token file (RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)")
 
 
-__all__ = ["LOOPBACK", "PATH_FIELDS", "RayAuthError", "RayConnection", "RayUnavailableError", "absolute_paths",
-           "import_ray", "join_ray", "loopback_serve_replica", "ray_session"]
+__all__ = ["LOOPBACK", "PATH_FIELDS", "PROCESS_EXIT_WAIT_S", "RayAuthError", "RayConnection", "RayUnavailableError",
+           "absolute_paths", "core_worker_ran", "exit_process", "import_ray", "join_ray", "leave_ray",
+           "loopback_serve_replica", "ray_session"]
