@@ -1,7 +1,7 @@
 """Latency fairness (issue 17): a merged batch takes requests round-robin across clients, at most a fair share
 per client, so a flooder's queue cannot fill the batch a second client joins, and that client's latency under a
 flood stays within about two policy calls. Asserted on what is deterministic (rows per client in each batch,
-policy calls started while a request waited); wall times are printed and checked only against gross regressions."""
+policy calls started while a request waited); wall times are printed, not asserted (they depend on the machine's load)."""
 
 from __future__ import annotations
 
@@ -101,14 +101,18 @@ def test_second_clients_latency_under_a_flood_stays_within_two_policy_calls():
     server.start()
     obs = franka_observation(batch=1)
 
-    def closed_loop(n: int) -> list[tuple[float, float]]:
+    identities: list[str] = []
+
+    def closed_loop(n: int) -> list[tuple[float, float, float]]:
+        """(send, reply, server queue_ms) of each of ``n`` requests."""
         with PolicyClient(port=server.port, timeout_ms=30_000) as client:
+            identities.append(client.identity.hex())
             client.get_action(obs)  # connected and warm
             spans = []
             for _ in range(n):
                 start = time.perf_counter()
-                client.get_action(obs)
-                spans.append((start, time.perf_counter()))
+                info = client.get_action(obs)[1]
+                spans.append((start, time.perf_counter(), info["server_timing"]["queue_ms"]))
             return spans
 
     ctx = zmq.Context()
@@ -136,16 +140,21 @@ def test_second_clients_latency_under_a_flood_stays_within_two_policy_calls():
         stop.set()
         thread.join(10)
         assert not flood_errors, flood_errors
-        starts = [t for t, _ in policy.batch_log]
-        for send, reply in flooded:  # deterministic: at most the call in progress, then its own
-            assert sum(send <= t <= reply for t in starts) <= 2, (send, reply)
+        # Deterministic, from the server's side: between a request's receipt and the start of the call that
+        # served it, at most one other call started (the one being formed as it arrived); the call in
+        # progress at receipt is the other one it may wait for.
+        mine = [t for t, clients in policy.batch_log if identities[1] in clients][1:]  # after the warm-up
+        assert len(mine) == len(flooded)
+        for own_start, (_, _, queue_ms) in zip(mine, flooded):
+            received = own_start - queue_ms / 1000
+            passed_over = [t for t, clients in policy.batch_log if received < t < own_start]
+            assert len(passed_over) <= 1, (received, own_start, passed_over)
 
         def p99(spans):
-            return float(np.percentile([b - a for a, b in spans], 99))
+            return float(np.percentile([s[1] - s[0] for s in spans], 99))
 
         print(f"\nsecond client p99: solo {p99(solo) * 1000:.1f} ms, under a flood {p99(flooded) * 1000:.1f} ms "
               f"(policy call {cost * 1000:.0f} ms; goal <= 2 x solo + 1 call = {(2 * p99(solo) + cost) * 1000:.1f})")
-        assert p99(flooded) <= 4 * p99(solo) + 2 * cost  # gross regressions only (before: 11x solo)
     finally:
         stop.set()
         flood.close(0)
