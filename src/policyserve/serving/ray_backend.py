@@ -29,7 +29,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..errors import ConfigError, PolicyServeError
-from ..cluster.runtime import RayUnavailableError, join_ray
+from ..cluster.runtime import RayConnection, RayUnavailableError, join_ray, leave_ray
 from ..policies.base import BasePolicy
 from ..types import ModalityConfigs
 from .backend import Backend, BatchResult, to_action_request
@@ -72,6 +72,7 @@ class RayBackend(Backend):
         self.concurrency = config.max_replicas
         self._started_ray = False
         self._connected = False
+        self._connection: RayConnection | None = None
         self._deployed = False
         self._closed = False
         self._lock = threading.Lock()
@@ -111,8 +112,9 @@ class RayBackend(Backend):
         # graceful Serve shutdown adds nothing and would wait for a GCS already killed with our process group.
         if self._deployed and not self._started_ray:
             _bounded(lambda: serve.delete(self.app_name), 60, f"removing Serve application {self.app_name}")
-        if self._connected:
-            _bounded(ray.shutdown, 60, "Ray shutdown")
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            _bounded(lambda: leave_ray(connection), 60, "Ray shutdown")
 
     # -- description -----------------------------------------------------------------------------
     def describe(self) -> list[str]:
@@ -138,6 +140,7 @@ class RayBackend(Backend):
                                   num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.max_replicas * cfg.replica_cpus)))
         except RayUnavailableError as exc:
             raise ReplicaStartError(str(exc)) from None
+        self._connection = connection
         self._connected, self._started_ray = connection.connected, connection.local
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
