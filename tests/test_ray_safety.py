@@ -8,6 +8,7 @@ Real components only: a local Ray instance started by policyserve (with a Serve 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,6 +94,7 @@ def clean_auth_env():
         else:
             os.environ[key] = value
     runtime._refresh_auth_config()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_local_instance_is_loopback_only_with_token_auth_and_no_http_proxy(clean_auth_env):
@@ -181,6 +183,7 @@ def token_head(clean_auth_env):
             except ProcessLookupError:
                 pass
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_joining_a_token_cluster_without_or_with_a_wrong_token_is_one_clear_error(token_head, tmp_path,
