@@ -375,3 +375,21 @@ def test_unknown_endpoint_spam_writes_little_log_and_forges_no_lines(tmp_path):
     assert size < MB, size
     assert not any(line.startswith("FORGED") for line in text.splitlines()) and "\x1b" not in text
     assert "Unknown endpoint" in text  # logged, rate-limited (one line per kind per second)
+
+
+def test_decoded_request_must_agree_with_its_peeked_head():
+    """The head of an authenticated request is read without walking its payload (the message ends with the token
+    entry). A message that only looks so (its last entry is another key whose bytes end like a token entry) is
+    refused once decoded, and the server keeps serving."""
+    srv = PolicyServer(ConstantPolicy(SPEC.modality_configs, SPEC.dims), port=0, api_token="tok", verbose=False)
+    srv.start()
+    try:
+        forged_tail = msgpack.packb("api_token") + msgpack.packb("tok")
+        body = (b"\x83" + msgpack.packb("endpoint") + msgpack.packb("get_action") + msgpack.packb("data")
+                + msgpack.packb({}) + msgpack.packb("endpoint") + msgpack.packb(forged_tail, use_bin_type=True))
+        reply, _ = ask(srv.port, body)
+        assert isinstance(reply, dict) and reply["error"].startswith("Unauthorized"), reply
+        with PolicyClient(port=srv.port, timeout_ms=30_000, api_token="tok") as client:
+            assert client.get_action(franka_observation(batch=1))[0]["arm"].shape == (1, 16, 6)
+    finally:
+        srv.stop(10)

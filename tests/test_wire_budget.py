@@ -275,3 +275,15 @@ def test_one_oversized_container_is_refused_before_it_is_built() -> None:
             decode(flat)
     # peek_request skips the payload without building it (msgpack's skip applies no container limits)
     assert peek_request(packb({"endpoint": "get_action", "data": [None] * 1000}), budget=budget).has_data
+
+
+def test_peek_does_not_scan_the_payload_of_an_authenticated_request():
+    """With the token as the last entry, the payload is never walked: even bytes that are not msgpack pass the
+    peek (the full decode, which the door runs next, refuses them)."""
+    garbage = b"\xc1" * 4096  # 0xc1 is never valid msgpack
+    body = (b"\x83" + msgpack.packb("endpoint") + msgpack.packb("get_action") + msgpack.packb("data") + garbage
+            + msgpack.packb("api_token") + msgpack.packb("tok"))
+    head = peek_request(body, expected_token="tok")
+    assert (head.endpoint, head.api_token, head.has_data) == ("get_action", "tok", True)
+    with pytest.raises(ProtocolError):
+        unpackb(body)

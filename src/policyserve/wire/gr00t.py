@@ -549,7 +549,7 @@ def peek_request(
         if entries > MAX_REQUEST_KEYS:
             raise ProtocolError(f"request map has {entries} entries; at most {MAX_REQUEST_KEYS} are accepted "
                                 "(a GR00T request has 'endpoint', 'data' and 'api_token')")
-        for _ in range(entries):
+        for index in range(entries):
             if unpacker.tell() >= size or view[unpacker.tell()] not in _STR_TYPES:
                 raise ProtocolError("request map keys must be strings")
             key = read(unpacker.unpack)
@@ -569,6 +569,11 @@ def peek_request(
                     has_data = True
                     if expected_token is not None and token is None and not _ends_with_token(view, expected_token):
                         return RequestHead(endpoint, None, True)
+                    # Authenticated and nothing but the token follows: the payload is not scanned (the caller
+                    # checks that the decoded message agrees with this head).
+                    remaining = entries - index - 1
+                    if expected_token is not None and remaining == (0 if token is not None else 1):
+                        return RequestHead(endpoint, token if token is not None else expected_token, True)
                 read(unpacker.skip)
     except ProtocolError:
         raise

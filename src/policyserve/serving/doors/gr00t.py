@@ -399,6 +399,8 @@ class Gr00tDoor(FrontDoor):
                     ctx.listener.unauthorized(PROTOCOL)  # the decoded message must agree with its head
                     self._reply_now(envelope, {"error": UNAUTHORIZED})
                     return
+                if request.get("endpoint", "get_action") != endpoint:
+                    raise ProtocolError("request 'endpoint' is given more than once with different values")
                 data = request.get("data") or {}
             if not isinstance(data, dict):
                 raise ProtocolError(f"request 'data' must be a map of arguments, got {type(data).__name__}")
