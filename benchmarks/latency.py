@@ -83,6 +83,7 @@ def main() -> None:
 
     from model import rtc_cost  # benchmarks/model.py
     from policyserve.eval.envs import EnvConfig, make_envs
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.model import load_policy
     from policyserve.registry import get_embodiment_spec
 
@@ -92,7 +93,7 @@ def main() -> None:
     costs: dict[str, dict] = {}
     for task, path in runs:
         policy = load_policy(path, device="cpu")
-        env_config = EnvConfig(task=task, camera_size=(args.camera_size, args.camera_size))
+        env_config = EnvConfig(task=task, sim=FrankaEnvConfig(camera_size=(args.camera_size, args.camera_size)))
         envs = make_envs(env_config, args.n_envs, video_keys=policy.get_modality_config()["video"].modality_keys,
                          max_episode_steps=args.max_episode_steps)  # built once: every cell runs the same envs
         try:

@@ -68,9 +68,11 @@ def main() -> None:
     from policyserve.client.connect import connect_policy
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.envs import EnvConfig, make_envs
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import RolloutConfig, run_rollout
 
-    base = RolloutConfig(env=EnvConfig(task=args.task, camera_size=(args.camera_size, args.camera_size)),
+    size = (args.camera_size, args.camera_size)
+    base = RolloutConfig(env=EnvConfig(task=args.task, sim=FrankaEnvConfig(camera_size=size)),
                          n_episodes=args.episodes, n_envs=args.n_envs, max_episode_steps=args.steps, progress=False)
     envs = make_envs(base.env, args.n_envs, video_keys=["ego_view", "wrist_view"])
     print(f"task={args.task} n_envs={args.n_envs} episodes={args.episodes} steps/episode={args.steps} "

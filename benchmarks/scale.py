@@ -98,10 +98,11 @@ def rollout_section(task: str = "lift", episodes: int = 8, steps: int = 80, came
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.distributed import DistributedConfig, ServerAddress, run_distributed_rollout
     from policyserve.eval.envs import EnvConfig
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import RolloutConfig, run_rollout
     from policyserve.cluster.runtime import ray_session
 
-    config = RolloutConfig(env=EnvConfig(task=task, camera_size=(camera_size, camera_size)),
+    config = RolloutConfig(env=EnvConfig(task=task, sim=FrankaEnvConfig(camera_size=(camera_size, camera_size))),
                            driver=DriverConfig(n_action_steps=n_action_steps), n_episodes=episodes, n_envs=n_envs,
                            max_episode_steps=steps, progress=False)
     print(f"rollout: task={task}, {episodes} episodes x {steps} steps, {n_envs} env(s) per process/worker, cameras "

@@ -156,12 +156,13 @@ def demos(tmp_path_factory):
 @pytest.mark.parametrize("async_inference", [False, True])
 def test_replayed_demos_from_their_recorded_states_succeed_with_a_100ms_policy(demos, serve, async_inference):
     from policyserve.eval.envs import EnvConfig
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import RolloutConfig, run_rollout
     from policyserve.policies.replay import make_replay_policy
 
     hdf5, dataset = demos
     served = serve(SlowPolicy(make_replay_policy(dataset, 8, embodiment_tag="franka_panda")))
-    config = RolloutConfig(env=EnvConfig(task="lift", camera_size=(32, 32)),
+    config = RolloutConfig(env=EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=(32, 32))),
                            driver=DriverConfig(n_action_steps=8, async_inference=async_inference),
                            n_episodes=3, n_envs=2, max_episode_steps=120, hdf5_path=str(hdf5), demo_indices=[0, 1],
                            progress=False)

@@ -185,14 +185,15 @@ def test_rollout_reports_smoothness_and_zero_delay_sync_reproduces_it_bit_for_bi
     """A real Franka rollout with the scripted expert: d=0 sync equals the wall-clock driver exactly, and every
     episode reports J_B and J_I; with a delay, sync holds still (dims 0-5 zero) and the episode differs."""
     from policyserve.eval.envs import EnvConfig, make_envs
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import FRANKA_DELTA_DIMS, RolloutConfig, run_rollout
     from policyserve.sim.scripted import ScriptedPolicy
 
-    envs = make_envs(EnvConfig(task="lift", camera_size=(32, 32)), 1, max_episode_steps=40)
+    envs = make_envs(EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=(32, 32))), 1, max_episode_steps=40)
     try:
         def rollout(delay: int | None) -> dict:
-            config = RolloutConfig(env=EnvConfig(task="lift", camera_size=(32, 32)), n_episodes=2, n_envs=1,
-                                   max_episode_steps=40, seed=3, progress=False,
+            config = RolloutConfig(env=EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=(32, 32))),
+                                   n_episodes=2, n_envs=1, max_episode_steps=40, seed=3, progress=False,
                                    driver=DriverConfig(n_action_steps=8, inference_delay_steps=delay,
                                                        hold_zero_dims=FRANKA_DELTA_DIMS))
             return run_rollout(ScriptedPolicy("lift", n_action_steps=8), config, envs=envs).to_dict()

@@ -18,6 +18,7 @@ from policyserve.eval.compare import (  # noqa: E402
     ComparisonConfig, ModalityMismatchError, PolicyRoleError, run_comparison,
 )
 from policyserve.eval.envs import EnvConfig  # noqa: E402
+from policyserve.sim.envs import FrankaEnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402
 from policyserve.launch import free_port  # noqa: E402
 from policyserve.client.connect import ServerUnavailableError, connect_policy  # noqa: E402
@@ -50,7 +51,7 @@ def replay(dataset, execution_horizon=1):
     return make_replay_policy(dataset, execution_horizon, embodiment_tag="franka_panda")
 
 
-ENV = EnvConfig(task="lift", camera_size=SIZE)
+ENV = EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=SIZE))
 
 
 class Demonstrator(PolicyWrapper):

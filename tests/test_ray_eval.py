@@ -31,13 +31,14 @@ from policyserve.eval.distributed import (  # noqa: E402
     ServerAddress, run_distributed_comparisons, run_distributed_rollout,
 )
 from policyserve.eval.envs import EnvConfig  # noqa: E402
+from policyserve.sim.envs import FrankaEnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402
 from policyserve.policies.base import PolicyWrapper  # noqa: E402
 
 pytestmark = pytest.mark.sim
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (32, 32)
-ENV = EnvConfig(task="lift", camera_names=("table_cam",), camera_size=SIZE)
+ENV = EnvConfig(task="lift", sim=FrankaEnvConfig(camera_names=("table_cam",), camera_size=SIZE))
 N_EPISODES = 6
 
 

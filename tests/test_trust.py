@@ -389,9 +389,11 @@ def test_compare_and_rollout_refuse_a_flag_that_conflicts_with_the_hdf5(recorded
 def _rollout_config(hdf5: Path, demos: list[int], **kwargs):
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.envs import EnvConfig
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import RolloutConfig
 
-    return RolloutConfig(env=EnvConfig(task="lift", camera_size=(16, 16)), driver=DriverConfig(n_action_steps=4),
+    return RolloutConfig(env=EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=(16, 16))),
+                         driver=DriverConfig(n_action_steps=4),
                          n_episodes=len(demos), n_envs=len(demos), max_episode_steps=6, hdf5_path=str(hdf5),
                          demo_indices=demos, progress=False, **kwargs)
 
@@ -448,13 +450,15 @@ def test_serve_banner_says_a_replay_derived_its_keys(tmp_path: Path) -> None:
 def test_a_camera_size_other_than_the_models_warns_once_naming_both_sizes(serve) -> None:
     from policyserve.client.driver import DriverConfig
     from policyserve.eval.envs import EnvConfig
+    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.eval.rollout import RolloutConfig, run_rollout
 
     served = serve(_sampling_model())  # trained at 16x16: its reset info declares image_size [16, 16]
     assert served.client.reset() == {"image_size": [16, 16]}
 
     def warned(size: tuple[int, int]) -> list[str]:
-        config = RolloutConfig(env=EnvConfig(task="lift", camera_size=size), driver=DriverConfig(n_action_steps=4),
+        config = RolloutConfig(env=EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=size)),
+                               driver=DriverConfig(n_action_steps=4),
                                n_episodes=2, n_envs=1, max_episode_steps=3, progress=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")

@@ -65,7 +65,8 @@ class EvalFlags:
     unseeded).
     """
 
-    ENV_FIELDS = ("task", "camera_size")
+    ENV_FIELDS = ("task",)
+    SIM_FIELDS = ("camera_size",)
     DRIVER_FIELDS = ("n_action_steps", "ensemble_coef", "async_inference", "async_threshold", "execution",
                      "inference_delay_steps")
 
@@ -75,7 +76,9 @@ class EvalFlags:
             parser, env, self.ENV_FIELDS,
             task=Flag(choices=("lift", "stack"), default=None,
                       help=f"+Default: the task --hdf5-path records (an error when it records none); without "
-                           f"--hdf5-path {env.task}."),
+                           f"--hdf5-path {env.task}."))
+        self.sim_dests = add_config_flags(
+            parser, env.sim, self.SIM_FIELDS,
             camera_size=Flag(default=None, help="+Default: the camera size --hdf5-path records, else "
                                                 f"{'x'.join(map(str, env.camera_size))}; a size other than the one "
                                                 "the policy declares gives a warning."))
@@ -96,15 +99,15 @@ class EvalFlags:
         given (:func:`~policyserve.eval.identity.demo_env_settings`)."""
         from dataclasses import replace
 
-        values = config_kwargs(args, self.env_dests)
+        values = {**config_kwargs(args, self.env_dests), **config_kwargs(args, self.sim_dests)}
         task, size = values["task"], values["camera_size"]
         if hdf5_path:
             from ..data.demos import DemoFile
             from ..eval.identity import demo_env_settings
 
             task, size = demo_env_settings(DemoFile(hdf5_path), task, size)
-        return replace(self.env_defaults, task=task or self.env_defaults.task,
-                       camera_size=size or self.env_defaults.camera_size)
+        env = self.env_defaults
+        return replace(env, task=task or env.task, sim=replace(env.sim, camera_size=size or env.camera_size))
 
     def driver_config(self, args: argparse.Namespace, run_seed: int | None) -> Any:
         """The DriverConfig of the flags (key map from ``--key-map``/``--map``; ``options={'seed': S}`` with S from

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         clients.append(replay_client)
         lap("servers")
         _log("5/6 comparison rollout: model (env 0) vs replay (env 1) from demo 0, step 0")
-        env = EnvConfig(task=config.task, camera_size=config.camera_size)
+        env = EnvConfig(task=config.task, sim=replace(EnvConfig().sim, camera_size=config.camera_size))
         options = None if result.seeds["policy"] is None else {"seed": result.seeds["policy"]}
         comparison = run_comparison(model_client, replay_client, ComparisonConfig(
             env=env, driver=DriverConfig(n_action_steps=n_action_steps, action_options=options), hdf5_path=str(hdf5),

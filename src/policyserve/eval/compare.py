@@ -182,7 +182,7 @@ def resolve_env(config: ComparisonConfig, demos: DemoFile) -> EnvConfig:
     env = config.env or EnvConfig()
     task, size = demo_env_settings(demos, None if config.env is None else env.task,
                                    None if config.env is None else env.camera_size)
-    return replace(env, task=task, camera_size=size or env.camera_size)
+    return replace(env, task=task, sim=replace(env.sim, camera_size=size or env.camera_size))
 
 
 class _Side:

@@ -203,12 +203,15 @@ class RolloutReport:
 
 
 def config_dict(*configs: Any) -> dict[str, Any]:
-    """The fields of evaluation configs as one flat JSON-ready dict (env and driver fields inlined; an env left
-    to be resolved from the data adds none)."""
+    """The fields of evaluation configs as one flat JSON-ready dict (env and driver fields inlined, the env's as
+    :meth:`~policyserve.eval.envs.EnvConfig.to_dict` gives them; an env left to be resolved from the data adds
+    none)."""
     data: dict[str, Any] = {}
     for config in configs:
         for key, value in asdict(config).items():
-            if key in ("env", "driver"):
+            if key == "env" and value is not None:
+                data.update(config.env.to_dict())
+            elif key in ("env", "driver"):
                 data.update(value or {})
             else:
                 data[key] = value
@@ -445,7 +448,8 @@ def open_runner(policy: BasePolicy, config: RolloutConfig, n_envs: int, *,
         if own_envs and config.shared_initial_states and not config.demo_indices:
             from ..sim.envs import make_env
 
-            template = make_env(config.env.task, camera_names=(), max_episode_steps=config.max_episode_steps)
+            template = make_env(config.env.task, **config.env.sim.kwargs(camera_names=(),
+                                                                       max_episode_steps=config.max_episode_steps))
             own_envs.append(template)
             # Built now, from ``seed``: the objects it draws at build time then do not depend on which episode
             # this process happens to run first.

@@ -9,7 +9,7 @@ never holds a GL context.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import gymnasium as gym
@@ -82,13 +82,21 @@ class FrankaEnvConfig:
     """Constructor options of :class:`FrankaEnv` (see there)."""
 
     camera_names: tuple[str, ...] = ("table_cam", "wrist_cam")
+    """Cameras rendered into the observations (a subset of table_cam, wrist_cam)."""
     camera_size: tuple[int, int] = (128, 128)
+    """Rendered image size (height, width) of every camera."""
     max_episode_steps: int | None = None
+    """Steps after which an episode truncates (None: the task's own limit)."""
     terminate_on_success: bool = True
+    """End an episode (terminated) on success."""
     render_settings: str | RenderSettings = "fast"
+    """Renderer preset (fast or default) or RenderSettings; a preset name resolves to its RenderSettings."""
     seed: int | None = None
+    """Seed of the first reset that is given none."""
     control_freq: int = 20
+    """Control steps per second."""
     model_seed: int = 0
+    """Seed of the model's own randomisation (Lift's cube size), the same for every instance."""
 
     def __post_init__(self) -> None:
         self.camera_names = tuple(self.camera_names)
@@ -99,6 +107,10 @@ class FrankaEnvConfig:
             self.camera_size = (self.camera_size, self.camera_size)
         self.camera_size = (int(self.camera_size[0]), int(self.camera_size[1]))
         self.render_settings = resolve_render_settings(self.render_settings)
+
+    def kwargs(self, **changes: Any) -> dict[str, Any]:
+        """This config as :class:`FrankaEnv` keyword arguments, ``changes`` replacing some."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, **changes}
 
 
 class FrankaEnv(gym.Env):

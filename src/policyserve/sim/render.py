@@ -33,6 +33,15 @@ def resolve_render_settings(settings: str | RenderSettings) -> RenderSettings:
         raise ValueError(f"unknown render settings {settings!r}; expected one of {sorted(PRESETS)}") from None
 
 
+def render_settings_name(settings: str | RenderSettings) -> str | dict[str, Any]:
+    """The preset name of ``settings`` ("fast", "default"), else its fields as a dict (for reports)."""
+    settings = resolve_render_settings(settings)
+    for name, preset in PRESETS.items():
+        if preset == settings:
+            return name
+    return {"reflectance": settings.reflectance, "offscreen_samples": settings.offscreen_samples}
+
+
 def apply_render_settings(rs_env: Any, settings: RenderSettings) -> None:
     """Apply ``settings`` to a robosuite env's current model and offscreen context (idempotent).
 

@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
-from .envs import gl_context_created, make_env
+from .envs import FrankaEnvConfig, gl_context_created, make_env
 
 
 def _make_indexed_env(task: str, index: int, env_kwargs: dict[str, Any]) -> gym.Env:
@@ -143,8 +143,11 @@ class EnvBatch:
             env.close()
 
 
-def make_env_batch(task: str, n_envs: int, **env_kwargs: Any) -> EnvBatch:
-    """``n_envs`` Franka ``task`` envs as an :class:`EnvBatch` (``env_kwargs`` go to :func:`~policyserve.sim.make_env`)."""
+def make_env_batch(task: str, n_envs: int, config: FrankaEnvConfig | None = None, **env_kwargs: Any) -> EnvBatch:
+    """``n_envs`` Franka ``task`` envs as an :class:`EnvBatch`, built from ``config``'s fields with ``env_kwargs``
+    replacing some (they go to :func:`~policyserve.sim.make_env`)."""
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    if config is not None:
+        env_kwargs = config.kwargs(**env_kwargs)
     return EnvBatch([_make_indexed_env(task, i, env_kwargs) for i in range(n_envs)])
