@@ -99,15 +99,18 @@ def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
     common = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # The user's token settings as they were before Ray saw them (Ray may set some while it connects).
+    auth_env = {key: os.environ.get(key) for key in _AUTH_ENV}
+    token_file = os.path.exists(os.path.expanduser("~/.ray/auth_token"))
     if address:
         _refresh_auth_config()
-        _check_token(address)
+        _check_token(address, auth_env, token_file)
     global _core_worker_ran
     _core_worker_ran = True  # from here on a core worker may exist in this process (see exit_process)
     before = None if address else _descendants()
     try:
         if address:
-            with _ray_env({}, loopback=_is_loopback(address)):
+            with _ray_env(dict(auth_env), loopback=_is_loopback(address)):
                 ray.init(address=address, **common)
         else:
             # "local": a new instance even when another Ray runs on this machine (ray.init() would join it)
@@ -121,7 +124,7 @@ def join_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         _abandon(ray, before)
         if address and _caused_by_auth(exc):
-            raise RayAuthError(_auth_message(address)) from None
+            raise RayAuthError(_auth_message(address, auth_env, token_file)) from None
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RayUnavailableError(f"could not start or reach {where}: {exc}") from None
     except BaseException:  # Ctrl-C while the instance starts: what has started stops too
@@ -375,7 +378,7 @@ def _refresh_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _check_token(address: str) -> None:
+def _check_token(address: str, auth_env: dict[str, str | None], token_file: bool) -> None:
     """:class:`RayAuthError` when the GCS at ``address`` refuses this process's token,
     :class:`RayUnavailableError` when it does not answer within :data:`TOKEN_CHECK_S`; returns when it
     accepts the token, or fails otherwise (Ray's own connection attempt then reports it)."""
@@ -401,7 +404,7 @@ def _check_token(address: str) -> None:
         raise RayUnavailableError(f"could not reach the Ray cluster at {address}: its GCS did not answer within "
                                   f"{TOKEN_CHECK_S:g} s")
     if isinstance(outcome.get("error"), AuthenticationError):
-        raise RayAuthError(_auth_message(address))
+        raise RayAuthError(_auth_message(address, auth_env, token_file))
 
 
 def _caused_by_auth(exc: BaseException) -> bool:
@@ -415,10 +418,11 @@ def _caused_by_auth(exc: BaseException) -> bool:
     return False
 
 
-def _auth_message(address: str) -> str:
-    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-    if token_mode and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                           or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+def _auth_message(address: str, auth_env: dict[str, str | None], token_file: bool) -> str:
+    """Why the cluster refused, from the token settings this process had (``auth_env``, and whether
+    ``~/.ray/auth_token`` existed) before connecting."""
+    token_mode = (auth_env.get("RAY_AUTH_MODE") or "").lower() == "token"
+    if token_mode and not (auth_env.get("RAY_AUTH_TOKEN") or auth_env.get("RAY_AUTH_TOKEN_PATH") or token_file):
         return (f"the Ray cluster at {address} requires a token (InvalidAuthToken) and RAY_AUTH_MODE=token is set "
                 "but no token is: put the cluster's token in RAY_AUTH_TOKEN or the token file "
                 "(RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)")
