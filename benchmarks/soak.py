@@ -137,17 +137,7 @@ def hostile(kind: str, ports: dict, until: float, token: str, out) -> None:
         sock = dealer()
         body = packb({"endpoint": "get_action", "api_token": token,
                       "data": {"observation": franka_observation(size=64)}})
-        busy = 0
-        while time.time() < until:
-            for _ in range(200):
-                sock.send(body)
-                sent += 1
-            deadline = time.time() + 30
-            while answered < sent and time.time() < deadline:
-                if sock.poll(1000):
-                    reply = unpackb(sock.recv())
-                    answered += 1
-                    busy += isinstance(reply, dict) and "server busy" in reply.get("error", "")
+        sent, answered, busy = flood(sock, body, until)
         note = f"busy {busy}"
         sock.close(0)
     elif kind == "huge-batch":
@@ -321,13 +311,24 @@ def flooder(port: int, until: float, out) -> None:
     import zmq
 
     from helpers import franka_observation
-    from policyserve.wire.gr00t import packb, unpackb
+    from policyserve.wire.gr00t import packb
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{port}")
     body = packb({"endpoint": "get_action", "data": {"observation": franka_observation(size=64), "options": None}})
+    sent, answered, busy = flood(sock, body, until)
+    sock.close(0)
+    ctx.term()
+    out.put(("flooder", sent, answered, busy))
+
+
+def flood(sock, body: bytes, until: float) -> tuple[int, int, int]:
+    """Send ``body`` in bursts of 200 on a DEALER until ``until``, reading the replies after each burst
+    (30 s at most); returns (sent, answered, answered "server busy")."""
+    from policyserve.wire.gr00t import unpackb
+
     sent = answered = busy = 0
     while time.time() < until:
         for _ in range(200):
@@ -339,9 +340,7 @@ def flooder(port: int, until: float, out) -> None:
                 reply = unpackb(sock.recv())
                 answered += 1
                 busy += isinstance(reply, dict) and "server busy" in reply.get("error", "")
-    sock.close(0)
-    ctx.term()
-    out.put(("flooder", sent, answered, busy))
+    return sent, answered, busy
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .lerobot import DatasetError
+from .lerobot import DatasetError, describe_indices
 
 DEMO_NAME = re.compile(r"^demo_(\d+)$")
 
@@ -38,12 +38,7 @@ class DemoStepError(DemoFileError, IndexError):
 
 def describe_demos(indices: list[int]) -> str:
     """``demo indices 0..4`` for a contiguous run, else the first 20 indices listed."""
-    if not indices:
-        return "no demos"
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return f"demo indices {indices[0]}..{indices[-1]}"
-    shown = ", ".join(map(str, indices[:20]))
-    return f"demo indices [{shown}{', ...' if len(indices) > 20 else ''}]"
+    return f"demo indices {describe_indices(indices)}" if indices else "no demos"
 
 
 def _text(value: Any) -> str | None:
