@@ -21,7 +21,8 @@ class SchedulerListener:
         """One backend call served ``size`` requests in ``policy_ms``."""
 
     def answered(self, request: Request, ok: bool, policy_start: float | None, policy_end: float | None) -> None:
-        """``request`` got its reply (``ok`` False for a failure); perf_counter times of its call."""
+        """``request`` is answered (``ok`` False for a failure), just before its reply is handed to its door;
+        perf_counter times of its call."""
 
     def failed(self, request: Request, exc: BaseException) -> None:
         """``request``'s call raised ``exc`` (it is answered with an error)."""

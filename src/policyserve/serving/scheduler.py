@@ -310,10 +310,10 @@ class Scheduler:
                 end: float | None = None) -> None:
         if isinstance(outcome, ActionResult):
             outcome.timing.recv_to_reply_ms = (time.perf_counter() - request.received) * 1000
-        try:
-            request.reply(outcome)
-        finally:
+        try:  # counted before the reply leaves: a client that has its reply finds it in the metrics
             self.listener.answered(request, not isinstance(outcome, Failure), start, end)
+        finally:
+            request.reply(outcome)
 
 
 def _run(call: Callable[[], Any]) -> Any:
