@@ -318,11 +318,15 @@ class Checker:
         missing = []
         for line in block.text.splitlines():
             folder = re.match(r"\s*(\w+)/\s", line)
-            if folder and not (base / folder.group(1)).is_dir() and not (ROOT / folder.group(1)).is_dir():
-                missing.append(folder.group(1) + "/")
-            current = folder.group(1) if folder else None
+            current = None
+            if folder:  # a top-level folder, or one nested in the package (serving's doors/)
+                found = [d for d in (base / folder.group(1), ROOT / folder.group(1)) if d.is_dir()]
+                found += [d for d in base.rglob(folder.group(1)) if d.is_dir()]
+                if not found:
+                    missing.append(folder.group(1) + "/")
+                current = found[0] if found else None
             for name in re.findall(r"([\w]+\.(?:py|json))", line):
-                if current and (base / current / name).exists():
+                if current and (current / name).exists():
                     continue
                 if not list(base.rglob(name)) and not list((ROOT / "benchmarks").glob(name)):
                     missing.append(name)
