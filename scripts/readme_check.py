@@ -219,7 +219,7 @@ class Checker:
             print(f"  skip (.ci/run does it): {command.split('#')[0].strip()}")
             return
         if re.match(r"ray start\b", command):
-            print(f"  skip: {command.split('#')[0].strip()}: a Ray cluster of several machines (tests/test_ray_*.py "
+            print(f"  skip: {command.split('#')[0].strip()}: a Ray cluster of several machines (tests/ray_*_cases.py "
                   "join a real two-node cluster on loopback with --ray-address)")
             return
         if "--ray-address" in command:  # the same command on a local Ray instance

@@ -1,4 +1,4 @@
-"""Ray safety cases, run by tests/test_ray_safety.py in a process of their own (Ray keeps per-process auth
+"""Ray safety cases, run by tests/test_ray.py in a process of their own (Ray keeps per-process auth
 state that earlier Ray tests in the same process change).
 
 Ray, safely: the local instance listens on loopback only with token auth on, a cluster that refuses

@@ -3,6 +3,7 @@
 One GR00T-wire front door (a real ZeroMQ server) hands merged batches to Ray Serve replicas that build
 their own policy; replicas are killed, nodes removed, and every request must still be answered. The
 replicas import the test policy from ``helpers`` (the cluster's nodes get ``tests/`` on PYTHONPATH).
+Run by tests/test_ray.py in a process of its own (Serve leaves per-process handles and threads behind).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 One policy server (the scripted expert) and one replay server run on loopback; the workers reach them over
 ZeroMQ. Small cameras, few episodes and short episodes keep the file well under the 5 minute Ray budget.
+Run by tests/test_ray.py in a process of its own (Ray keeps per-process state across sessions).
 """
 
 from __future__ import annotations
