@@ -305,7 +305,7 @@ def test_without_replicas_the_server_never_imports_ray():
     (["--replica-gpus", "1"], "--replica-gpus needs --replicas N"),
     (["--replicas", "2", "--autoscale", "3"], "--autoscale expects MIN:MAX"),
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
-    (["--replicas", "5", "--autoscale", "1:4"], "--replicas 5 is outside --autoscale 1:4"),
+    (["--replicas", "5", "--autoscale", "1:4"], "--replicas 5 is outside the autoscale range 1:4"),
     (["--replicas", "1", "--replica-gpus", "64"], "each replica needs 64 GPUs (--replica-gpus) but the local Ray "
                                                   "instance has 0"),
 ])

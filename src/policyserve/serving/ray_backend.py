@@ -150,7 +150,7 @@ class RayBackend(Backend):
             have = ray.cluster_resources()
             for name, need in (("CPU", cfg.replica_cpus), ("GPU", cfg.replica_gpus)):
                 if need > have.get(name, 0):
-                    raise ReplicaStartError(f"each replica needs {need:g} {name}s (--replica-{name.lower()}s) but "
+                    raise ReplicaStartError(f"each replica needs {need:g} {name}s (replica_{name.lower()}s) but "
                                             f"the local Ray instance has {have.get(name, 0):g}")
         serve.start(proxy_location="Disabled")
         options: dict[str, Any] = {

@@ -40,16 +40,16 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
-            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+            raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
-            raise ConfigError(f"--replica-cpus/--replica-gpus must be >= 0, got {self.replica_cpus}/"
+            raise ConfigError(f"replica_cpus and replica_gpus must be >= 0, got {self.replica_cpus} and "
                               f"{self.replica_gpus}")
         if self.autoscale is not None:
             low, high = self.autoscale
             if not 1 <= low <= high:
-                raise ConfigError(f"--autoscale MIN:MAX needs 1 <= MIN <= MAX, got {low}:{high}")
+                raise ConfigError(f"autoscale MIN:MAX needs 1 <= MIN <= MAX, got {low}:{high}")
             if not low <= self.replicas <= high:
-                raise ConfigError(f"--replicas {self.replicas} is outside --autoscale {low}:{high}")
+                raise ConfigError(f"replicas {self.replicas} is outside the autoscale range {low}:{high}")
 
     @property
     def max_replicas(self) -> int:
@@ -65,4 +65,4 @@ def parse_autoscale(text: str) -> tuple[int, int]:
             raise ValueError
         return int(low), int(high)
     except ValueError:
-        raise ConfigError(f"--autoscale expects MIN:MAX (two integers, e.g. 1:4), got {text!r}") from None
+        raise ConfigError(f"autoscale expects MIN:MAX (two integers, e.g. 1:4), got {text!r}") from None
