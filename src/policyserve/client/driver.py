@@ -80,7 +80,9 @@ class DriverConfig:
     key_map: KeyMap = field(default_factory=KeyMap)
     """Env key -> policy key (:class:`~policyserve.client.keymap.KeyMap`); :meth:`PolicyDriver.check` drafts one."""
     action_options: dict[str, Any] | None = None
-    """Options sent with every ``get_action`` (e.g. ``{"seed": 0}`` for a deterministic model server)."""
+    """Options sent with every ``get_action``. An integer ``"seed"`` is a base seed, not one noise draw for the
+    whole run: each env's k-th query of an episode samples with its own seed, derived from (the base seed, the
+    episode's seed, k) by :func:`query_seed`, so runs repeat exactly and successive chunks get fresh noise."""
     async_inference: bool = False
     """Ask for the next chunk while the current one executes (see module docstring)."""
     async_threshold: int | None = None
@@ -174,6 +176,9 @@ class PolicyDriver:
         self.reset_info: dict[str, Any] = {}
         """``info`` of the latest policy reset."""
         self._pending_resets: dict[int, dict[str, Any]] = {i: {} for i in range(self.n_envs)}
+        self._episode_seeds: list[int | None] = [None] * self.n_envs
+        self._queries = [0] * self.n_envs
+        """Per env: queries whose chunk it took in its current episode (the k of :func:`query_seed`)."""
         self._offsets = [0] * self.n_envs
         self._generations = [0] * self.n_envs
         self._inflight: _Request | None = None
@@ -220,12 +225,15 @@ class PolicyDriver:
         return text
 
     # ------------------------------------------------------------------ episodes
-    def reset(self, env_ids: Sequence[int] | np.ndarray | None = None, options: Mapping[str, Any] | None = None) -> None:
+    def reset(self, env_ids: Sequence[int] | np.ndarray | None = None, options: Mapping[str, Any] | None = None,
+              *, seeds: Sequence[int] | int | None = None) -> None:
         """Envs ``env_ids`` (all when None) start new episodes: history and queued actions are dropped.
 
         Before their next action the policy is reset for them with ``{"env_ids": [...], **options}``; a list
         value in ``options`` holds one entry per env of ``env_ids``, a scalar applies to each of them
-        (e.g. ``{"episode_index": [3, 5], "step_index": 0}`` for a replay).
+        (e.g. ``{"episode_index": [3, 5], "step_index": 0}`` for a replay). ``seeds``: the episodes' seeds (one
+        per env, or one for all), which key the policy's sampling noise when ``action_options`` has a base
+        ``"seed"`` (:func:`query_seed`); without them an env's episodes are numbered in the order they start.
         """
         ids = list(range(self.n_envs)) if env_ids is None else [int(i) for i in np.asarray(env_ids).reshape(-1)]
         bad = [i for i in ids if not 0 <= i < self.n_envs]
@@ -235,11 +243,15 @@ class PolicyDriver:
         for key, value in options.items():
             if isinstance(value, (list, tuple, np.ndarray)) and len(value) != len(ids):
                 raise ConfigError(f"reset options[{key!r}] has {len(value)} entries for {len(ids)} env_ids {ids}")
+        if isinstance(seeds, (list, tuple, np.ndarray)) and len(seeds) != len(ids):
+            raise ConfigError(f"reset seeds has {len(seeds)} entries for {len(ids)} env_ids {ids}")
         for j, i in enumerate(ids):
             self.adapter.reset([i])
             self.chunker.reset([i])
             self._generations[i] += 1
             self._pending_resets[i] = {k: _item(v, j) for k, v in options.items()}
+            self._episode_seeds[i] = None if seeds is None else int(_item(seeds, j))
+            self._queries[i] = 0
             self._last_actions[i] = None
             self.last_sources[i] = -1
 
@@ -327,7 +339,7 @@ class PolicyDriver:
             self._pending_resets = {}
         targets = ids if self.execution != "sync" else [i for i in ids if self.chunker.remaining(i) == 0]
         observation = self.adapter.build()
-        options = self.config.action_options
+        options = self._seeded(self.config.action_options, targets)
         if self.execution == "rtc" and self._supports_rtc():
             rtc = self._rtc_option(targets)
             if rtc is not None:
@@ -344,6 +356,20 @@ class PolicyDriver:
             future = self._executor.submit(self._call, reset_options, observation, options)
         self._inflight = _Request(future, [self.chunker.step(i) for i in range(self.n_envs)],
                                   list(self._generations), list(ids), targets, reset_envs)
+
+    def _seeded(self, options: dict[str, Any] | None, targets: list[int]) -> dict[str, Any] | None:
+        """``options`` with an integer base ``"seed"`` replaced by one seed per env row (:func:`query_seed`)."""
+        base = (options or {}).get("seed")
+        if not _is_int(base):
+            return options
+        seeds = [query_seed(int(base), self._episode_key(i), self._queries[i]) for i in range(self.n_envs)]
+        for i in targets:
+            self._queries[i] += 1
+        return {**(options or {}), "seed": seeds}
+
+    def _episode_key(self, env_id: int) -> int:
+        seed = self._episode_seeds[env_id]
+        return self._generations[env_id] if seed is None else seed
 
     def _call(self, reset_options: dict[str, Any] | None, observation: dict[str, Any],
               options: dict[str, Any] | None) -> tuple[Any, ...]:
@@ -470,6 +496,20 @@ class PolicyDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def query_seed(base: int, episode: int, query: int) -> int:
+    """The sampling seed of an episode's ``query``-th query under a run's ``base`` seed (a 31-bit int).
+
+    Distinct (base, episode, query) triples give independent seeds (numpy's ``SeedSequence``), so every chunk
+    is sampled from fresh noise and a run is repeated exactly by repeating its base seed.
+    """
+    words = [int(v) % 2**32 for v in (base, base >> 32, episode, episode >> 32, query)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _ema(previous: float | None, sample: float) -> float:

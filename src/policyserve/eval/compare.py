@@ -204,14 +204,15 @@ class _Side:
         """The env's latest observation."""
         return self.envs.last[self.env_id]
 
-    def start(self, state: dict[str, Any], reset_options: dict[str, Any]) -> None:
-        """Restore the env to ``state`` and reset the policy with ``reset_options`` before its first action."""
+    def start(self, state: dict[str, Any], reset_options: dict[str, Any], seed: int) -> None:
+        """Restore the env to ``state`` and reset the policy with ``reset_options`` before its first action
+        (``seed``: the episode's, which keys the policy's sampling noise under a base policy seed)."""
         self.success = bool(self.envs.reset(self.env_id, state=state).get("success", False))
         try:
             self.driver.adapter.check_env_observation(self.obs)
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's modality config does not match the env: {exc}") from exc
-        self.driver.reset([0], reset_options)
+        self.driver.reset([0], reset_options, seeds=seed)
 
     def next_action(self) -> np.ndarray:
         try:
@@ -285,7 +286,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         state = demos.state(config.demo_index, config.start_step)
         reset_options = demo_reset_options(config.demo_index, config.start_step)
         for side in sides:
-            side.start(state, reset_options)
+            side.start(state, reset_options, seed=config.demo_index)
         first_obs_diff = observation_diff(sides[0].obs, demos.observation(config.demo_index, config.start_step))
         if out is not None and config.video:
             writer = VideoWriter(out / "comparison.mp4", fps=config.fps)

@@ -185,7 +185,8 @@ class RolloutReport:
             "timing": self.timing,
             "config": self.config,
             "seeds": {"episodes": f"{self.config.get('seed')} + k",
-                      "policy": (self.config.get("action_options") or {}).get("seed")},
+                      "policy": (self.config.get("action_options") or {}).get("seed"),
+                      "policy_queries": "query_seed(policy, episode seed, k) for an episode's k-th query"},
         }
 
     def save_json(self, path: str | Path) -> Path:
@@ -280,7 +281,7 @@ class RolloutRunner:
         if self.demos is not None and cfg.demo_indices:
             demo = cfg.demo_indices[k % len(cfg.demo_indices)]
             info = self.envs.reset(env_id, seed=seed, state=self.demos.state(demo, 0))
-            self.driver.reset([env_id], demo_reset_options(demo, 0))
+            self.driver.reset([env_id], demo_reset_options(demo, 0), seeds=seed)
             self.unchecked[env_id] = demo
         else:
             if self.template is not None:
@@ -288,7 +289,7 @@ class RolloutRunner:
                 info = self.envs.reset(env_id, seed=seed, state=self.template.get_state())
             else:
                 info = self.envs.reset(env_id, seed=seed)
-            self.driver.reset([env_id])
+            self.driver.reset([env_id], seeds=seed)
         self.env_time += time.perf_counter() - t0
         result = EpisodeResult(k, seed, bool(info.get("success", False)), 0, 0.0, env_id, demo)
         obs = self.envs.last[env_id]
