@@ -21,6 +21,7 @@ pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.timeout(1500)  # a whole file of cases (each case keeps the suite's own timeout in its process)
 @pytest.mark.parametrize("cases", ["ray_eval_cases.py", "ray_replicas_cases.py", "ray_safety_cases.py"])
 def test_ray_cases_in_a_fresh_process(cases):
     result = subprocess.run(
