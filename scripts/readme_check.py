@@ -125,8 +125,11 @@ class Checker:
 
     # -- processes -----------------------------------------------------------------------------------
     def run(self, command: str, what: str, timeout: float | None = None) -> str:
+        began = time.monotonic()
         done = subprocess.run(["bash", "-c", command], cwd=self.work, env=self.env, capture_output=True, text=True,
                               timeout=timeout or self.timeout)
+        if time.monotonic() - began > 20:
+            print(f"    ({time.monotonic() - began:.0f} s: {command[:90]})", flush=True)
         if done.returncode != 0:
             raise CheckFailed(f"{what}: exit code {done.returncode}\n$ {command}\n{(done.stdout + done.stderr)[-3000:]}")
         return done.stdout
@@ -351,7 +354,9 @@ def main() -> int:
                   flush=True)
             handler = {"bash": checker.bash, "python": checker.python, "json": checker.json_block}.get(
                 block.lang, checker.plain)
+            began = time.monotonic()
             handler(block)
+            print(f"  ({time.monotonic() - began:.0f} s)", flush=True)
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         print(f"\nREADME check FAILED: {exc}", flush=True)
         return 1

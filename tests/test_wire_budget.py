@@ -221,6 +221,25 @@ def test_peek_refuses_malformed_requests(message: bytes, error: str) -> None:
         peek_request(message)
 
 
+def test_peek_leaves_the_payload_of_an_endpoint_the_caller_decodes_unscanned() -> None:
+    """With ``decoded_endpoints`` the head returns at ``data`` once the endpoint (and an expected token) is
+    known: the caller's full decode reads the payload once, not twice. A truncated payload shows it."""
+    cut = packb({"endpoint": "get_action", "data": {"observation": {"a": np.ones(300)}}})[:-100]
+    with pytest.raises(ProtocolError, match="truncated"):
+        peek_request(cut)
+    assert peek_request(cut, decoded_endpoints={"get_action"}) == RequestHead("get_action", None, True)
+    with pytest.raises(ProtocolError, match="truncated"):  # an endpoint that is not decoded: scanned
+        peek_request(cut, decoded_endpoints={"reset"})
+    late = packb({"data": {"x": np.ones(300)}, "endpoint": "reset"})[:-10]  # endpoint after data: scanned
+    with pytest.raises(ProtocolError, match="truncated"):
+        peek_request(late, decoded_endpoints={"get_action", "reset"})
+    token_last = packb({"endpoint": "get_action", "data": {"x": np.ones(300)}, "other": 1, "api_token": "t"})
+    assert peek_request(token_last[:-20], decoded_endpoints={"get_action"}, expected_token="t").api_token is None
+    token_first = packb({"api_token": "t", "endpoint": "get_action", "data": {"x": np.ones(300)}, "other": 1})
+    assert peek_request(token_first[:-20], decoded_endpoints={"get_action"}, expected_token="t") == \
+        RequestHead("get_action", "t", True)
+
+
 def _bomb_request(token: str) -> bytes:
     return (b"\x83" + packb("endpoint") + packb("get_action") + packb("data") + tree(b"\x90")
             + packb("api_token") + packb(token))

@@ -32,6 +32,7 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Collection
 from enum import Enum
 from typing import Any, Callable
 
@@ -500,6 +501,7 @@ def peek_request(
     *,
     expected_token: str | None = None,
     budget: DecodeBudget = DEFAULT_BUDGET,
+    decoded_endpoints: Collection[str] = (),
 ) -> RequestHead:
     """Read a GR00T request's ``endpoint`` and ``api_token`` without building its ``data``.
 
@@ -514,6 +516,11 @@ def peek_request(
     scanned; a wrong token before ``data`` also returns at once. Compare the head's ``api_token``
     with the server's in constant time (``hmac.compare_digest``) either way.
 
+    ``decoded_endpoints``: endpoints whose whole message the caller decodes with :func:`unpackb` anyway
+    (and checks against this head: the same endpoint, an authorized token). When ``data`` is reached after
+    such an endpoint (GR00T clients send ``endpoint`` first) and the token, if one is expected, is already
+    known, the head returns there: the payload is not scanned twice.
+
     Raises :class:`ProtocolError` when the message is not a map with string keys of at most
     :data:`MAX_REQUEST_KEYS` entries, or ``endpoint`` is not a string. When a key repeats, the
     last one counts, as in :func:`unpackb`.
@@ -527,6 +534,7 @@ def peek_request(
     endpoint: Any = "get_action"
     token: str | None = None
     has_data = False
+    named = False  # whether an ``endpoint`` entry was read (before ``data``)
     fed = min(size, _PEEK_CHUNK)  # the head of a request is in its first bytes: feed the rest when needed
 
     def read(step: Callable[[], Any]) -> Any:
@@ -559,7 +567,7 @@ def peek_request(
                 if key == "endpoint":
                     if value is _Unset:
                         raise ProtocolError("request 'endpoint' must be a string")
-                    endpoint = value
+                    endpoint, named = value, True
                 else:
                     token = None if value is _Unset else value
                     if expected_token is not None and not _same(token, expected_token):
@@ -574,6 +582,8 @@ def peek_request(
                     remaining = entries - index - 1
                     if expected_token is not None and remaining == (0 if token is not None else 1):
                         return RequestHead(endpoint, token if token is not None else expected_token, True)
+                    if named and endpoint in decoded_endpoints and (expected_token is None or token is not None):
+                        return RequestHead(endpoint, token, True)
                 read(unpacker.skip)
     except ProtocolError:
         raise

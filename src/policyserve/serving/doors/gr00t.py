@@ -109,6 +109,7 @@ class Gr00tDoor(FrontDoor):
             "get_modality_config": EndpointHandler(self._modality_config, requires_input=False, inline=True),
             "get_capabilities": EndpointHandler(self._capabilities, requires_input=False, inline=True),
         }
+        self._decoded_endpoints = self._decoded()
         self._zmq: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._outbox: deque[list[Any]] = deque()
@@ -132,6 +133,11 @@ class Gr00tDoor(FrontDoor):
                           inline: bool = False) -> None:
         """Add or replace an endpoint; ``handler(**data)`` when ``requires_input`` else ``handler()``."""
         self._endpoints[name] = EndpointHandler(handler, requires_input, inline)
+        self._decoded_endpoints = self._decoded()
+
+    def _decoded(self) -> frozenset[str]:
+        """Endpoints whose requests are decoded whole (their head is read without scanning the payload)."""
+        return frozenset(name for name, spec in self._endpoints.items() if spec.requires_input)
 
     def _modality_config(self) -> Any:
         assert self._ctx is not None
@@ -381,7 +387,8 @@ class Gr00tDoor(FrontDoor):
                     f"server busy: {held} bytes of replies to this client are waiting for it to read them "
                     f"(max_unsent_bytes={self._max_unsent_bytes}); read replies before sending more")
             # Token and endpoint first, without decoding the payload: an unauthorized request costs O(1).
-            head = peek_request(frames[-1].buffer, expected_token=ctx.api_token)
+            head = peek_request(frames[-1].buffer, expected_token=ctx.api_token,
+                                decoded_endpoints=self._decoded_endpoints)
             if not ctx.authorized(head.api_token):
                 ctx.listener.unauthorized(PROTOCOL)
                 self._reply_now(envelope, {"error": UNAUTHORIZED})
