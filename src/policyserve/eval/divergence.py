@@ -4,7 +4,8 @@ The rule: step ``t`` diverges on key ``k`` when, for some dimension of ``k``, th
 ``t`` exceeds ``threshold`` in magnitude and its running mean from ``t`` stays beyond ``threshold`` on the same
 side over each of the next ``window`` steps (``t``, ``t..t+1``, ..., ``t..t+window-1``). The key's divergence
 step is the first such ``t`` (None: never). A model that samples its actions differs from the demo by noise at
-every step: noise that swings both ways does not keep its running mean beyond the threshold, a real departure
+every step: noise that swings both ways (and is below the threshold) does not keep its running mean beyond the
+threshold (noise above it does: ``benchmarks/divergence_noise.py`` measures a model's own), a real departure
 (the arm heading elsewhere, the gripper closing while the demo's stays open) does, and it is dated at its first
 step. The last ``window - 1`` steps of a trace cannot start a divergence (too few steps follow to tell it from
 noise; a trace shorter than ``window`` is judged over its whole length). With ``window=1`` the rule is the plain
