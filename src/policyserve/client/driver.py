@@ -526,11 +526,11 @@ def _per_env(value: Any, n_envs: int) -> list[int] | None:
     """An info entry as one int per env (a scalar applies to all); None when absent or malformed."""
     if isinstance(value, (list, tuple)) and len(value) == n_envs:
         values = list(value)
-    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    elif _is_int(value):
         values = [value] * n_envs
     else:
         return None
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+    if not all(_is_int(v) for v in values):
         return None
     return [int(v) for v in values]
 
