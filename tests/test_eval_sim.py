@@ -22,7 +22,8 @@ from policyserve.sim.envs import FrankaEnvConfig  # noqa: E402
 from policyserve.eval.rollout import RolloutConfig, run_rollout  # noqa: E402
 from policyserve.launch import free_port  # noqa: E402
 from policyserve.client.connect import ServerUnavailableError, connect_policy  # noqa: E402
-from policyserve.policies.base import PolicyWrapper  # noqa: E402
+from policyserve.client.policy_client import PolicyClient  # noqa: E402
+from policyserve.policies.base import ActionRequest, PolicyWrapper  # noqa: E402
 from policyserve.policies.constant import ConstantPolicy  # noqa: E402
 from policyserve.registry import get_embodiment_spec  # noqa: E402
 from policyserve.types import ModalityConfig, ModalityDims  # noqa: E402
@@ -55,18 +56,33 @@ ENV = EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=SIZE))
 
 
 class Demonstrator(PolicyWrapper):
-    """A "model" that acts like the demo (a replay behind it) but, like any model, does not say it replays."""
+    """A "model" that acts like the demo (a replay behind it, one cursor per client) but, like any model, does
+    not say it replays."""
 
     def __init__(self, policy):
         super().__init__(policy, strict=False)
+        self.client = ""
+
+    def serve_reset(self, options=None, client=""):
+        self.client = client
+        return self.reset(options)
+
+    def serve_batch(self, requests):
+        outcomes = []
+        for request in requests:
+            self.client = request.client
+            outcomes.append(self._outcome(lambda: self.get_action(request.observation, request.options)))
+        return outcomes
 
     def reset(self, options=None):
-        self.policy.reset(options)
+        self.policy.serve_reset(options, self.client)
         return {}
 
     def _get_action(self, observation, options=None):
-        action, _ = self.policy.get_action(observation, options)
-        return action, {}
+        outcome = self.policy.serve_batch([ActionRequest(observation, options, self.client)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[0], {}
 
 
 class PerturbedPolicy(Demonstrator):
@@ -160,18 +176,20 @@ def test_compare_rejects_swapped_model_and_replay_ports(demos, serve, tmp_path, 
                                               rf"a replay and the model policy \(tcp://127.0.0.1:{rep.port}\) is one"):
         run_comparison(rep.client, model.client, config)
     assert not (tmp_path / "swapped").exists()  # no mislabelled report
+    # one client each (a replay keeps one cursor per client, and the model side asks for 1 + noise_samples rows)
+    fresh = lambda served: PolicyClient("127.0.0.1", served.port, timeout_ms=20000)  # noqa: E731
     with pytest.raises(PolicyRoleError, match=rf"model policy \(tcp://127.0.0.1:{rep.port}\) serves a replay"):
-        run_comparison(rep.client, rep.client, config)
+        run_comparison(fresh(rep), fresh(rep), config)
     with pytest.raises(PolicyRoleError, match=rf"replay policy \(tcp://127.0.0.1:{model.port}\) is not a replay"):
-        run_comparison(model.client, model.client, config)
+        run_comparison(fresh(model), fresh(model), config)
     code = cli_main(["compare", "--task", "lift", "--hdf5-path", str(hdf5), "--model-port", str(rep.port),
                      "--replay-port", str(model.port), "--camera-size", "32", "--max-steps", "5",
                      "--output", str(tmp_path / "cli"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "servers are swapped" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "servers are swapped" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "cli").exists()
     assert model.client.ping() and rep.client.ping()  # both servers keep serving
-    result = run_comparison(model.client, rep.client, config)  # the right order still works
+    result = run_comparison(fresh(model), fresh(rep), config)  # the right order still works
     assert result.max_action_diff == 0.0
 
 

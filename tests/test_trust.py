@@ -264,6 +264,37 @@ def test_action_divergence_is_reported_per_key_and_ignores_sampling_noise(files)
     assert divergence_steps(model, np.zeros((20, 7)), {"arm": 6, "gripper": 1}, 0.1)["arm"] == 12
 
 
+def test_the_rule_judges_a_difference_against_the_models_own_resamples() -> None:
+    from policyserve.eval.divergence import divergence_steps, noise_margin
+
+    rng = np.random.default_rng(0)
+    dims = {"arm": 6, "gripper": 1}
+    noisy = lambda: rng.normal(0.0, 0.3, (60, 7))  # noqa: E731 - a model much noisier than the 0.1 threshold
+    model, demo_like, resamples = noisy(), noisy(), np.stack([noisy(), noisy()], axis=1)
+    assert divergence_steps(model, demo_like, dims, 0.1)["arm"] is not None  # a fixed threshold fires on noise
+    assert divergence_steps(model, demo_like, dims, 0.1, resamples=resamples) == {"arm": None, "gripper": None}
+    # the model's samples spread by 0.3 around 0; the demo is one more such sample until it departs
+    swing = 0.3 * (-1.0) ** np.arange(60)[:, None] * np.ones((60, 7))
+    model, resamples = np.zeros((60, 7)), np.stack([swing, -swing], axis=1)
+    departed = -swing.copy()
+    assert divergence_steps(model, departed, dims, 0.1, resamples=resamples) == {"arm": None, "gripper": None}
+    departed[30:, 2] += 1.0  # the arm heads elsewhere from step 30 on
+    departed[40:, 6] -= 2.0  # and the gripper does the opposite from step 40 on
+    assert divergence_steps(model, departed, dims, 0.1, resamples=resamples) == {"arm": 30, "gripper": 40}
+    assert noise_margin(model, resamples, 5).max() == pytest.approx(0.3)
+    spike = np.zeros((20, 7))
+    spike[5, 0] = 3.0  # one outlier step: not most of the window, whatever its running mean
+    assert divergence_steps(spike, np.zeros((20, 7)), dims, 0.1) == {"arm": None, "gripper": None}
+    # the margin: largest |model - resample| over the window ahead and the resamples, per dimension
+    margin = noise_margin(np.zeros((4, 1)), np.array([[[1.0]], [[0.0]], [[-2.0]], [[0.5]]]).reshape(4, 1, 1), 2)
+    assert margin[:, 0].tolist() == [1.0, 2.0, 2.0, 0.5]
+    with pytest.raises(ValueError, match=r"resamples must be \(T, J, A\) = \(4, J, 1\), got \(3, 1, 1\)"):
+        noise_margin(np.zeros((4, 1)), np.zeros((3, 1, 1)), 2)
+    # identical resamples (a deterministic model): the fixed-threshold rule
+    assert divergence_steps(model, demo_like, dims, 0.1, resamples=np.stack([model, model], axis=1)) == \
+        divergence_steps(model, demo_like, dims, 0.1)
+
+
 def test_the_aggregate_reports_arm_and_gripper_apart_and_marks_never_diverged_demos(files, tmp_path: Path) -> None:
     from policyserve.eval.compare_all import AggregateComparison, DemoSummary
 
@@ -292,8 +323,9 @@ def test_the_aggregate_reports_arm_and_gripper_apart_and_marks_never_diverged_de
 
 
 # -------------------------------------------------------------------------------------------- reproducible runs
-def _sampling_model():
-    """A real flow-matching model policy (one training step): unseeded, its actions are random draws."""
+def _sampling_model(image_size: int = 16):
+    """A real flow-matching model policy (one training step on 16x16 frames, resized to ``image_size``):
+    unseeded, its actions are random draws."""
     import tempfile
 
     from policyserve.model.config import TrainConfig
@@ -306,7 +338,7 @@ def _sampling_model():
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(episodes, SPEC.modality_configs, out, TrainConfig(max_steps=1, batch_size=2, progress=False,
                                                                             resume=False),
-                          architecture={"image_size": 16, "d_model": 32}, embodiment_tag="franka_panda")
+                          architecture={"image_size": image_size, "d_model": 32}, embodiment_tag="franka_panda")
         return ModelPolicy(trainer.model, trainer.bundle)
 
 
@@ -366,6 +398,39 @@ def test_the_same_compare_command_gives_the_same_traces_and_none_unseeds(recorde
     unseeded = [compare(f"unseeded{i}", "--policy-seed", "none") for i in range(2)]
     assert unseeded[0]["config"]["action_options"] is None
     assert [s["model_action"] for s in unseeded[0]["steps"]] != [s["model_action"] for s in unseeded[1]["steps"]]
+
+
+@pytest.mark.sim
+def test_compare_draws_the_models_noise_reference_without_changing_what_it_executes(recorded, serve,
+                                                                                    tmp_path: Path) -> None:
+    from policyserve.eval.compare import ComparisonConfig, run_comparison
+    from policyserve.client.driver import DriverConfig
+
+    hdf5, dataset = recorded
+    model, replay = serve(_sampling_model()), serve(make_replay_policy(dataset, 1, embodiment_tag="franka_panda"))
+
+    def compare(noise_samples: int):
+        return run_comparison(model.client, replay.client, ComparisonConfig(
+            driver=DriverConfig(n_action_steps=1, action_options={"seed": 0}), hdf5_path=str(hdf5), max_steps=4,
+            noise_samples=noise_samples, progress=False, video=False, output_dir=str(tmp_path / str(noise_samples))))
+
+    with_reference, without = compare(2), compare(0)
+    executed = np.array([s.model_action for s in with_reference.steps])
+    np.testing.assert_allclose(executed, [s.model_action for s in without.steps], atol=1e-5)  # same row-0 seeds
+    resamples = with_reference.model_resamples
+    assert resamples is not None and resamples.shape == (4, 2, executed.shape[1])
+    assert np.abs(resamples - executed[:, None]).max() > 1e-3  # other seeds: other samples
+    assert not np.allclose(resamples[:, 0], resamples[:, 1])
+    noise = with_reference.steps[0].model_noise
+    assert set(noise) == {"arm", "gripper"} and noise["arm"] == pytest.approx(
+        np.abs(resamples[0, :, :6] - executed[0, :6]).max(), abs=1e-6)
+    assert without.model_resamples is None and without.steps[0].model_noise == {}
+    saved = json.loads((tmp_path / "2" / "comparison.json").read_text())
+    assert saved["config"]["noise_samples"] == 2 and len(saved["steps"][0]["model_resamples"]) == 2
+    assert "model_noise_arm" in (tmp_path / "2" / "traces.csv").read_text().splitlines()[0]
+    with pytest.raises(ConfigError, match="noise_samples must be >= 0, got -1"):
+        compare(-1)
+    assert model.client.ping() and replay.client.ping()
 
 
 @pytest.mark.sim
@@ -454,7 +519,9 @@ def test_a_camera_size_other_than_the_models_warns_once_naming_both_sizes(serve)
     from policyserve.eval.rollout import RolloutConfig, run_rollout
 
     served = serve(_sampling_model())  # trained at 16x16: its reset info declares image_size [16, 16]
-    assert served.client.reset() == {"image_size": [16, 16]}
+    cameras = {k: [16, 16] for k in SPEC.modality_configs["video"].modality_keys}  # the training frames' sizes
+    camera = next(iter(cameras))
+    assert served.client.reset() == {"image_size": [16, 16], "camera_sizes": cameras}
 
     def warned(size: tuple[int, int]) -> list[str]:
         config = RolloutConfig(env=EnvConfig(task="lift", sim=FrankaEnvConfig(camera_size=size)),
@@ -467,6 +534,14 @@ def test_a_camera_size_other_than_the_models_warns_once_naming_both_sizes(serve)
 
     messages = warned((24, 32))
     assert len(messages) == 1, messages  # once per run, not per episode or step
-    assert "renders cameras at 24x32 but the policy declares every camera at 16x16" in messages[0]
+    assert f"renders cameras at 24x32 but the policy declares {camera} at 16x16" in messages[0]
     assert "changes the aspect ratio" in messages[0]
     assert warned((16, 16)) == []
+    # trained on 16x16 frames that the network resizes to 32x32: the training frames' size is the one to match
+    served = serve(_sampling_model(image_size=32))
+    assert served.client.reset() == {"image_size": [32, 32], "camera_sizes": cameras}
+    assert warned((16, 16)) == []
+    assert [m.split(":")[0] for m in warned((32, 32))] == [
+        f"the env renders cameras at 32x32 but the policy declares {camera} at 16x16"]
+    from policyserve.eval.identity import declared_camera_sizes  # a checkpoint from before camera_sizes
+    assert declared_camera_sizes(served.client, {"image_size": [32, 32]}) == {"every camera": (32, 32)}

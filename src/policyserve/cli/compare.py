@@ -6,7 +6,8 @@ demo_index=demo index, step_index=start step; any --execution-horizon: the repla
 replies). Swapped ports are an error, and so is a replay server that does not serve the dataset converted
 from --hdf5-path (another file, demo, length or first action). The task and camera size come from the HDF5
 file's env_args (a conflicting --task or --camera-size is an error). The model is seeded with --seed unless
---policy-seed says otherwise (none: unseeded). Writes comparison.json, traces.csv, comparison.png and
+--policy-seed says otherwise (none: unseeded). The action divergence is judged against the model's own
+sampling noise: each model query also draws --noise-samples more samples (not executed). Writes comparison.json, traces.csv, comparison.png and
 comparison.mp4 under --output.
 
 --all-demos compares every demo of the HDF5 file (outputs per demo under --output/demo_N/) and writes the
@@ -35,8 +36,7 @@ def register(sub: Any) -> None:
                        description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     dests = add_config_flags(
         p, defaults, ["hdf5_path", "demo_index", "start_step", "max_steps", "eef_threshold", "action_threshold",
-                      "action_window",
-                      "output_dir", "video"],
+                      "action_window", "noise_samples", "output_dir", "video"],
         hdf5_path=Flag(required=True, help="recorded demos (policyserve record)"),
         demo_index=Flag(default=None, help="the demo to compare (default 0)"),
         start_step=Flag(help="the demo step both envs start from"),

@@ -12,7 +12,10 @@ naming both files. Nothing is written before these checks pass. The env's task a
 the HDF5 file records unless given (a conflicting one is an error). Both envs start from the demo's recorded
 sim state at ``start_step``. Per step the comparison records both actions, their difference per action key,
 both end-effector positions and both envs' success; the action divergence is judged per action key
-(:mod:`~policyserve.eval.divergence` states the rule). It writes the traces as JSON and CSV, a figure of action
+(:mod:`~policyserve.eval.divergence` states the rule) against the model's own sampling noise: with each model
+query the model side also asks for ``noise_samples`` more samples at the same observation under other seeds
+(extra rows of the same batched call, not executed), and a difference from the demo counts only where it goes
+beyond them. It writes the traces as JSON and CSV, a figure of action
 dimensions and eef trajectories with the first divergence marked, and a side-by-side video.
 """
 
@@ -71,10 +74,13 @@ class ComparisonConfig:
     eef_threshold: float = 0.02
     """Metres between the two end effectors that count as diverged."""
     action_threshold: float = 0.1
-    """Action difference (per dimension of an action key) that counts as a divergence when it persists over
-    ``action_window`` steps on average (the rule: policyserve.eval.divergence)."""
+    """Action difference (per dimension of an action key), beyond the model's own resamples, that counts as a
+    divergence when it persists over ``action_window`` steps (the rule: policyserve.eval.divergence)."""
     action_window: int = ACTION_WINDOW
     """Steps over which an action difference must persist on average to count as a divergence (1: any step)."""
+    noise_samples: int = 2
+    """More model samples per model query at the same observation under other seeds, not executed: the noise
+    reference of the action-divergence rule (0: a fixed threshold, which a sampling model's noise can exceed)."""
     output_dir: str | None = None
     """Folder for the traces (JSON, CSV), the figure and the video (nothing written without it)."""
     video: bool = True
@@ -101,6 +107,10 @@ class StepRecord:
     success_replay: bool
     model_source: int = -1
     """Which model reply the model action came from (negative: holding still), see ``PolicyDriver.last_sources``."""
+    model_resamples: list[list[float]] = field(default_factory=list)
+    """The model's other samples at this step (``noise_samples`` of them, not executed): its noise reference."""
+    model_noise: dict[str, float] = field(default_factory=dict)
+    """Per action key, the largest |model action - resample| at this step (the model's own sampling spread)."""
 
 
 @dataclass
@@ -130,6 +140,13 @@ class ComparisonResult:
         """Largest |model - replay| action difference per action key over the compared steps."""
         return max_diff_per_key(np.array([s.model_action for s in self.steps], dtype=np.float64),
                                 np.array([s.replay_action for s in self.steps], dtype=np.float64), self.action_dims)
+
+    @property
+    def model_resamples(self) -> np.ndarray | None:
+        """(T, J, A) model resamples over the compared steps, None without any (``noise_samples`` 0)."""
+        if not self.steps or not self.steps[0].model_resamples:
+            return None
+        return np.array([s.model_resamples for s in self.steps], dtype=np.float64)
 
     @property
     def max_action_diff(self) -> float:
@@ -189,10 +206,10 @@ class _Side:
     """One policy driving env ``env_id`` of the comparison's two envs through a driver; the env's success."""
 
     def __init__(self, name: str, policy: BasePolicy, envs: EnvBatch, env_id: int,
-                 driver_config: DriverConfig) -> None:
-        self.name, self.policy, self.envs, self.env_id = name, policy, envs, env_id
+                 driver_config: DriverConfig, rows: int = 1) -> None:
+        self.name, self.policy, self.envs, self.env_id, self.rows = name, policy, envs, env_id, rows
         try:
-            self.driver = PolicyDriver(policy, 1, driver_config,
+            self.driver = PolicyDriver(policy, rows, driver_config,
                                        action_dim=int(envs.envs[env_id].action_space.shape[0]))
         except ConfigError as exc:
             raise ModalityMismatchError(f"{name} server's modality config is not usable: {exc}") from exc
@@ -206,17 +223,23 @@ class _Side:
 
     def start(self, state: dict[str, Any], reset_options: dict[str, Any], seed: int) -> None:
         """Restore the env to ``state`` and reset the policy with ``reset_options`` before its first action
-        (``seed``: the episode's, which keys the policy's sampling noise under a base policy seed)."""
+        (``seed``: the episode's, which keys the policy's sampling noise under a base policy seed; resample row
+        j gets ``seed + (j << 32)``, apart from every episode's)."""
         self.success = bool(self.envs.reset(self.env_id, state=state).get("success", False))
         try:
             self.driver.adapter.check_env_observation(self.obs)
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's modality config does not match the env: {exc}") from exc
-        self.driver.reset([0], reset_options, seeds=seed)
+        self.driver.reset(None, reset_options, seeds=[seed + (j << 32) for j in range(self.rows)])
 
     def next_action(self) -> np.ndarray:
+        """(rows, A) actions for the env's latest observation: row 0 is executed, the others are resamples."""
+        obs = self.envs.observation(self.keys, [self.env_id])
+        if self.rows > 1:
+            obs = {k: v * self.rows if isinstance(v, list) else np.repeat(np.asarray(v), self.rows, axis=0)
+                   for k, v in obs.items()}
         try:
-            return self.driver.act(self.envs.observation(self.keys, [self.env_id]))[0]
+            return np.asarray(self.driver.act(obs))
         except ValidationError as exc:
             raise ModalityMismatchError(f"{self.name} server's actions do not match the env: {exc}") from exc
 
@@ -242,7 +265,8 @@ def _first(values: list[float], threshold: float) -> int | None:
 
 
 def _check_roles(model: _Side, replay: _Side) -> None:
-    """The replay policy's replies must say ``"replay": True`` and the model policy's must not."""
+    """The replay policy's replies must say ``"replay": True`` and the model policy's must not (both sides have
+    asked once, the replay first, so a replay given as the model too gets its model-side rows last)."""
     if model.serves_replay and not replay.serves_replay:
         raise PolicyRoleError(f"the model and replay servers are swapped: the replay policy ({replay.where}) is not a "
                               f"replay and the model policy ({model.where}) is one (its replies say 'replay': True)")
@@ -281,7 +305,9 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
         model_config = config.driver
         if own_envs and not model_config.hold_zero_dims:  # our Franka envs: dims 0-5 are deltas
             model_config = replace(model_config, hold_zero_dims=FRANKA_DELTA_DIMS)
-        sides.append(_Side("model", model, batch, 0, model_config))
+        if config.noise_samples < 0:
+            raise ConfigError(f"noise_samples must be >= 0, got {config.noise_samples}")
+        sides.append(_Side("model", model, batch, 0, model_config, rows=1 + config.noise_samples))
         sides.append(_Side("replay", replay, batch, 1, replay_config))
         state = demos.state(config.demo_index, config.start_step)
         reset_options = demo_reset_options(config.demo_index, config.start_step)
@@ -299,7 +325,8 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             bar = tqdm(total=max_steps, desc="compare", unit="step")
         try:
             for t in range(max_steps):
-                actions = [side.next_action() for side in sides]
+                rows = [side.next_action() for side in sides[::-1]][::-1]  # the replay first: see _check_roles
+                actions = [r[0] for r in rows]
                 if t == 0:
                     _check_roles(*sides)
                     check_replay_identity(demos, config.demo_index, config.start_step, sides[1].driver.last_info,
@@ -310,7 +337,7 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
                 _write_frame(writer, sides, config, t)
                 for side, action in zip(sides, actions):
                     side.step(action)
-                records.append(_record(t, config.start_step, actions, eefs, sides))
+                records.append(_record(t, config.start_step, actions, eefs, sides, rows[0][1:]))
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -327,7 +354,9 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             batch.close()
     per_key = divergence_steps(np.array([r.model_action for r in records], dtype=np.float64),
                                np.array([r.replay_action for r in records], dtype=np.float64), dims,
-                               config.action_threshold, config.action_window)
+                               config.action_threshold, config.action_window,
+                               resamples=np.array([r.model_resamples for r in records], dtype=np.float64)
+                               if records and config.noise_samples else None)
     result = ComparisonResult(
         records, list(dims), dims, _first([r.eef_distance for r in records], config.eef_threshold),
         first_step(per_key), config_dict(config), seconds=time.perf_counter() - started,
@@ -356,19 +385,18 @@ def observation_diff(obs: dict[str, Any], recorded: dict[str, np.ndarray]) -> di
     return diffs
 
 
-def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray], sides: list[_Side]) -> StepRecord:
+def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray], sides: list[_Side],
+            resamples: np.ndarray) -> StepRecord:
     dims = sides[1].driver.adapter.action_dims or {}
-    diff: dict[str, float] = {}
-    offset = 0
-    for key, dim in dims.items():
-        diff[key] = float(np.max(np.abs(actions[0][offset:offset + dim] - actions[1][offset:offset + dim])))
-        offset += dim
-    if not dims:
-        diff["all"] = float(np.max(np.abs(actions[0] - actions[1])))
+    model = np.asarray(actions[0], np.float64)
+    diff = max_diff_per_key(model[None], np.asarray(actions[1], np.float64)[None], dims)
+    noise = {k: float(np.max([max_diff_per_key(model[None], r[None], dims)[k] for r in resamples]))
+             for k in diff} if len(resamples) else {}
     return StepRecord(
         t, start + t, [float(v) for v in actions[0]], [float(v) for v in actions[1]], diff,
         [float(v) for v in eefs[0]], [float(v) for v in eefs[1]], float(np.linalg.norm(eefs[0] - eefs[1])),
         sides[0].success, sides[1].success, sides[0].driver.last_sources[0],
+        [[float(v) for v in r] for r in resamples], noise,
     )
 
 
@@ -395,15 +423,16 @@ def save_outputs(result: ComparisonResult, out: str | Path) -> dict[str, str]:
 def _write_csv(result: ComparisonResult, path: Path) -> None:
     n = len(result.steps[0].model_action) if result.steps else 0
     diff_keys = list(result.steps[0].action_diff) if result.steps else []
+    noise_keys = list(result.steps[0].model_noise) if result.steps else []
     header = ["step", "demo_step", *[f"model_a{i}" for i in range(n)], *[f"replay_a{i}" for i in range(n)],
-              *[f"diff_{k}" for k in diff_keys], "eef_model_x", "eef_model_y", "eef_model_z",
+              *[f"diff_{k}" for k in diff_keys], *[f"model_noise_{k}" for k in noise_keys], "eef_model_x", "eef_model_y", "eef_model_z",
               "eef_replay_x", "eef_replay_y", "eef_replay_z", "eef_distance", "success_model", "success_replay"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for s in result.steps:
             w.writerow([s.step, s.demo_step, *s.model_action, *s.replay_action,
-                        *[s.action_diff[k] for k in diff_keys], *s.eef_model, *s.eef_replay, s.eef_distance,
+                        *[s.action_diff[k] for k in diff_keys], *[s.model_noise[k] for k in noise_keys], *s.eef_model, *s.eef_replay, s.eef_distance,
                         int(s.success_model), int(s.success_replay)])
 
 

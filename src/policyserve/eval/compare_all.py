@@ -65,7 +65,8 @@ class DemoSummary:
                    s["max_action_diff"], s["success_model"], s["success_replay"],
                    None if output_dir is None else str(output_dir), length, s.get("demo_split"),
                    max_diff_per_key(model, replay, result.action_dims),
-                   divergence_steps(model, replay, result.action_dims, threshold, window))
+                   divergence_steps(model, replay, result.action_dims, threshold, window,
+                                    resamples=result.model_resamples))
 
     def line(self) -> str:
         """One human line for the progress output."""
@@ -110,7 +111,9 @@ class AggregateComparison:
         median = "" if s["median_divergence_step"] is None else f", median first divergence step " \
                                                                  f"{s['median_divergence_step']:g}"
         keys = ", ".join(f"{k} {n}" for k, n in s["action_diverged_per_key"].items())
-        actions = (f"; action divergence (> {self.config.get('action_threshold', 0.0):g} over "
+        noise = f" + the model's own noise ({self.config['noise_samples']} resamples)" \
+            if self.config.get("noise_samples") else ""
+        actions = (f"; action divergence (> {self.config.get('action_threshold', 0.0):g}{noise} over "
                    f"{self.config.get('action_window', ACTION_WINDOW)} steps): {keys} demos" if keys else "")
         return (f"{s['demos']} demos: {s['diverged']} diverged (eef distance > "
                 f"{self.config.get('eef_threshold', 0.0):g} m){median}{actions}; success model {s['success_model']}/"

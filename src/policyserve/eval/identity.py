@@ -130,13 +130,24 @@ def camera_size_warning(env_size: tuple[int, int], declared: Mapping[str, tuple[
 
 
 def declared_camera_sizes(policy: Any, info: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int]]:
-    """Camera sizes the policy declares: ``get_modality_dims().video``, and ``info["image_size"]`` ((H, W) of
-    every camera, from a reply such as a model's reset info) as ``{"every camera": (H, W)}``."""
+    """Camera sizes the policy declares: ``get_modality_dims().video``; from a reply such as a model's reset
+    info, ``info["camera_sizes"]`` (each camera's (H, W) in the training data) or else ``info["image_size"]``
+    ((H, W) every camera is resized to) as ``{"every camera": (H, W)}``."""
     declared = {k: (int(h), int(w)) for k, (h, w) in policy.get_modality_dims().video.items()}
+    cameras = (info or {}).get("camera_sizes")
+    if isinstance(cameras, Mapping) and cameras and all(_is_size(v) for v in cameras.values()):
+        for key, (h, w) in cameras.items():
+            declared.setdefault(str(key), (int(h), int(w)))
+        return declared
     size = (info or {}).get("image_size")
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+    if _is_size(size):
         declared.setdefault("every camera", (int(size[0]), int(size[1])))
     return declared
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def warn_camera_size(env_size: tuple[int, int], policy: Any, info: Mapping[str, Any] | None = None) -> str | None:

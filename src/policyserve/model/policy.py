@@ -90,12 +90,17 @@ class ModelPolicy(BasePolicy):
         return ModalityDims(state=dict(cfg.state_dims), action=dict(cfg.action_dims))
 
     def reset(self, options: dict | None = None) -> Info:
-        """Restart the unseeded noise stream (with a policy seed); the info declares ``image_size``: the (H, W)
-        every camera is resized to, as the checkpoint was trained (clients warn when their cameras differ)."""
+        """Restart the unseeded noise stream (with a policy seed); the info declares ``image_size``, the (H, W)
+        every camera is resized to, and ``camera_sizes``, each camera's (H, W) in the training data when the
+        checkpoint records them (clients warn when their cameras differ from those)."""
         if self.seed is not None:
             self._generator = torch.Generator().manual_seed(int(self.seed))
         size = int(self.bundle.model_config.image_size)
-        return {"image_size": [size, size]}
+        info: Info = {"image_size": [size, size]}
+        cameras = self.bundle.training.get("camera_sizes")
+        if isinstance(cameras, dict) and cameras:
+            info["camera_sizes"] = {str(k): [int(v) for v in hw] for k, hw in cameras.items()}
+        return info
 
     def check_options(self, options: dict | None, batch_size: int | None = None) -> None:
         """Also checks ``options["rtc"]`` (a map, or one value per row in a merged call) against the action keys."""

@@ -150,7 +150,8 @@ class Trainer:
         else:
             self.bundle = fresh
         self.bundle.training = {**(training_info or {}), "seed": config.seed, "batch_size": config.batch_size,
-                                "max_steps": config.max_steps, "learning_rate": config.learning_rate}
+                                "max_steps": config.max_steps, "learning_rate": config.learning_rate,
+                                "camera_sizes": camera_sizes(train_episodes)}
         image_size = self.bundle.model_config.image_size
         args = (self.bundle.normalizer, self.bundle.tokenizer, image_size)
         self.train_data = TrainingData(train_episodes, configs, *args)
@@ -323,3 +324,13 @@ def train_from_dataset(
     info = {"dataset": str(Path(dataset_path).resolve()), "train_episodes": train_ids, "eval_episodes": eval_ids}
     return train_policy(train_eps, configs, output_dir, config, eval_episodes=eval_eps or None,
                         architecture=architecture, embodiment_tag=tag, training_info=info)
+
+
+def camera_sizes(episodes: Sequence[Any]) -> dict[str, list[int]]:
+    """(H, W) of each camera in the training episodes (``videos[key]`` is (T, H, W, 3)), as the checkpoint
+    records it; a camera recorded at several sizes is left out."""
+    sizes: dict[str, set[tuple[int, int]]] = {}
+    for episode in episodes:
+        for key, frames in episode.videos.items():
+            sizes.setdefault(key, set()).add((int(frames.shape[1]), int(frames.shape[2])))
+    return {key: list(next(iter(found))) for key, found in sizes.items() if len(found) == 1}
