@@ -277,3 +277,68 @@ def test_relative_paths_become_absolute_for_workers(tmp_path, monkeypatch):
 
     spec = absolute_paths(PolicySpec(model_path="ckpt", policy="scripted:lift"))
     assert spec.model_path == str(tmp_path / "ckpt") and spec.policy == "scripted:lift"
+
+
+_SWALLOWING_BODY = """if True:
+    import signal, sys, time
+    from policyserve.cluster import runtime
+    runtime.INTERRUPT_GRACE_S = float(sys.argv[1])
+    with runtime.ray_session(num_cpus=1) as ray:
+        guarded = signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        if sys.argv[2] == "swallow":
+            print("ready", guarded, flush=True)
+            while True:  # a body that swallows Ctrl-C, as a library callback might
+                try:
+                    time.sleep(0.1)
+                except KeyboardInterrupt:
+                    pass
+    restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    print("left", guarded, restored, flush=True)
+    time.sleep(float(sys.argv[1]) + 2)  # the deadline was cancelled: nothing ends this process early
+    print("still here", flush=True)
+"""
+
+
+def _session_process(*args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    return subprocess.Popen([sys.executable, "-c", _SWALLOWING_BODY, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_that_the_body_swallows_still_ends_the_command_within_the_grace(clean_auth_env):
+    """A Ctrl-C that never reaches the end of the ``with ray_session()`` (swallowed in the body) ends the process
+    INTERRUPT_GRACE_S later, exit 130 with one line, and every process of the local instance is gone."""
+    proc = _session_process("3", "swallow")
+    try:
+        assert proc.stdout.readline().split() == ["ready", "True"]  # bounded by the communicate below if it hangs
+        ray_pids = descendants(proc.pid)
+        assert ray_pids  # the local instance runs under this process
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == ("error: interrupted; still not stopped 3 s after Ctrl-C: the local Ray "
+                                           "instance is killed") and "Traceback" not in err, err[-2000:]
+    assert 3 <= took < 30, took
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and ray_pids & descendants(1):
+        time.sleep(0.2)
+    assert not {p for p in ray_pids if os.path.exists(f"/proc/{p}") and
+                not open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"}
+
+
+def test_a_session_that_ends_normally_restores_ctrl_c_and_cancels_the_deadline(clean_auth_env):
+    proc = _session_process("2", "leave")
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split("\n")[:2] == ["left True True", "still here"], out
