@@ -2,9 +2,7 @@
 
 ``with ray_session(address=None) as ray:`` connects to the cluster at ``address`` (left running at exit), or,
 with no address, starts a local Ray instance sized for this machine and shuts it down at exit, also when the
-body raises (Ctrl-C's KeyboardInterrupt included; a local session that has not ended ``INTERRUPT_GRACE_S``
-after Ctrl-C, because something swallowed the interrupt or a shutdown hangs, kills its instance and ends the
-process with 130). When Ray is already initialised in this process (a test or
+body raises (Ctrl-C's KeyboardInterrupt included). When Ray is already initialised in this process (a test or
 notebook that called ``ray.init``), that session is used and left alone. Ray is imported only here and in
 the modules that run on it, so commands without ``--workers`` never import it.
 
@@ -49,11 +47,6 @@ for a cluster is 20 s too)."""
 PATH_FIELDS = frozenset({"model_path", "dataset_path", "modality_config_path", "hdf5_path", "video_dir",
                          "output_dir"})
 """Configuration fields that :func:`absolute_paths` treats as paths on the driver's file system."""
-
-INTERRUPT_GRACE_S = 45.0
-"""How long a ``ray_session`` on a local instance may take to stop after Ctrl-C (its shutdown included) before
-the process is ended, with every process of the instance killed: a Ctrl-C that a library swallowed, or a
-shutdown that hangs, does not keep the command running."""
 
 PROCESS_EXIT_WAIT_S = 5.0
 """How long leaving a local instance waits for its processes to exit before terminating the rest (then as
@@ -206,15 +199,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     """:func:`join_ray` for the body of a ``with``; yields the ``ray`` module and shuts down what it started
     (see module docstring)."""
     connection = join_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb)
-    guard = _InterruptGuard.install() if connection.local else None
     try:
         yield connection.ray
     finally:
-        try:
-            leave_ray(connection)
-        finally:
-            if guard is not None:
-                guard.remove()
+        leave_ray(connection)
 
 
 def absolute_paths(config: _T, *, cwd: str | None = None) -> _T:
@@ -267,54 +255,6 @@ def loopback_serve_replica() -> None:
 
 
 # -- internals ---------------------------------------------------------------------------------------------
-class _InterruptGuard:
-    """Ctrl-C as usual (KeyboardInterrupt in the main thread), plus a deadline: :data:`INTERRUPT_GRACE_S` after
-    the first one, unless :meth:`remove` was called, the process's descendants (the local instance) are killed
-    and the process exits with 130. Installed only from the main thread over Python's default handler."""
-
-    def __init__(self) -> None:
-        self.timer: threading.Timer | None = None
-
-    @classmethod
-    def install(cls) -> _InterruptGuard | None:
-        import signal
-
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return None
-        guard = cls()
-        signal.signal(signal.SIGINT, guard._on_interrupt)
-        return guard
-
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        if self.timer is None:
-            self.timer = threading.Timer(INTERRUPT_GRACE_S, self._force_exit)
-            self.timer.daemon = True
-            self.timer.start()
-        raise KeyboardInterrupt
-
-    def remove(self) -> None:
-        import signal
-
-        if self.timer is not None:
-            self.timer.cancel()
-        if signal.getsignal(signal.SIGINT) == self._on_interrupt:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    @staticmethod
-    def _force_exit() -> None:
-        print(f"\nerror: interrupted; still not stopped {INTERRUPT_GRACE_S:g} s after Ctrl-C: the local Ray "
-              "instance is killed", file=sys.stderr, flush=True)
-        left = list(_descendants().values())
-        for process in left:
-            try:
-                process.kill()
-            except Exception:  # noqa: BLE001 - gone meanwhile
-                pass
-        _wait_gone(left, PROCESS_EXIT_WAIT_S)
-        os._exit(130)
-
-
 def _instance_processes(ray: Any) -> list[Any]:
     """The processes of the local instance this process started (psutil handles, safe against pid reuse): the
     ones ``ray.init`` spawned and all of their descendants; empty when Ray or psutil does not tell."""
