@@ -172,3 +172,12 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: Ctrl-C's default action, also when the
+    test runs in a background job (a non-interactive shell starts those with SIGINT ignored, which Python
+    children inherit: they would never see the KeyboardInterrupt)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

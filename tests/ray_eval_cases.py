@@ -214,7 +214,10 @@ def test_ctrl_c_shuts_the_local_ray_instance_down(expert, tmp_path):
     cmd = [sys.executable, "-m", "policyserve.cli.main", "rollout", "--port", str(expert.port), "--workers", "1",
            "--n-episodes", "200", "--max-episode-steps", "50", "--n-action-steps", "1", "--camera-size", "32",
            "--quiet"]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from helpers import default_sigint
+
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 180  # the worker actor runs (ray.init done, the run under way)
         while time.monotonic() < deadline and proc.poll() is None and \

@@ -393,3 +393,39 @@ def test_decoded_request_must_agree_with_its_peeked_head():
             assert client.get_action(franka_observation(batch=1))[0]["arm"].shape == (1, 16, 6)
     finally:
         srv.stop(10)
+
+
+def test_a_client_past_its_queue_is_refused_before_its_payload_is_decoded() -> None:
+    """A flooder's requests past max_queued_per_client cost no decoding: a message that would fail to decode is
+    answered "server busy" while the client's queue is full, and the decode error once it has room again."""
+    from test_metrics import GatedPolicy, wait_for
+
+    policy = GatedPolicy()
+    server = PolicyServer(policy, port=0, verbose=False, max_queued_per_client=1)
+    server.start()
+    dealer = Dealer(server.port)
+    try:
+        body = packb({"endpoint": "get_action", "data": {"observation": franka_observation(batch=1)}})
+        # its head (endpoint, then data) reads; decoding its payload fails (an extension type is refused)
+        broken = msgpack.packb({"endpoint": "get_action", "data": {"observation": msgpack.ExtType(99, b"xx")}})
+        policy.gate.clear()  # the policy call waits for the gate: no race with the worker
+        entered = policy.entered
+        dealer.sock.send_multipart([body])
+        wait_for(lambda: policy.entered > entered, "the first request reaches the policy")
+        dealer.sock.send_multipart([body])
+        wait_for(lambda: server.scheduler.queued == 1, "the second request is queued")
+        dealer.sock.send_multipart([broken])
+        refused = dealer.recv()
+        assert "server busy" in refused.get("error", "") and "max_queued_per_client=1" in refused["error"], refused
+        policy.gate.set()
+        assert all(isinstance(dealer.recv(), list) for _ in range(2))  # both queued requests answered
+        wait_for(lambda: server.scheduler.queued == 0, "the queue drains")
+        dealer.sock.send_multipart([broken])  # with room, the same message is decoded: its own error
+        error = dealer.recv().get("error", "")
+        assert "extension types are not accepted" in error, error
+        with PolicyClient(port=server.port, timeout_ms=10000) as client:  # a well-behaved client is served
+            assert client.get_action(franka_observation(batch=1))[0]["arm"].shape[0] == 1
+    finally:
+        policy.gate.set()
+        dealer.close()
+        server.stop()

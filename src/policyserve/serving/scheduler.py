@@ -107,12 +107,8 @@ class Scheduler:
                 raise ShuttingDownError()
             if request.endpoint == "get_action":
                 self._check_rows(request)
+            self._check_client_room(request)
             queue = self._queues.get(request.client)
-            if queue is not None and len(queue) >= cfg.max_queued_per_client:
-                self.listener.rejected(request, "max_queued_per_client")
-                raise ServerBusyError(
-                    f"server busy: this client already has {len(queue)} requests queued "
-                    f"(max_queued_per_client={cfg.max_queued_per_client}); wait for replies before sending more")
             if self._queued_bytes + request.nbytes > cfg.max_queued_bytes and self._queued:
                 self.listener.rejected(request, "max_queued_bytes")
                 raise ServerBusyError(
@@ -127,6 +123,21 @@ class Scheduler:
             self._queued_bytes += request.nbytes
             self.listener.queue_depth(self._queued)
             self._lock.notify()
+
+    def check_room(self, request: Request) -> None:
+        """Raise :class:`ServerBusyError` now if ``request``'s client has ``max_queued_per_client`` requests queued
+        (what :meth:`submit` would refuse first): a door asks this before decoding a request's payload, so a
+        client that floods past its queue costs no decoding. ``request.data`` may still be empty."""
+        with self._lock:
+            self._check_client_room(request)
+
+    def _check_client_room(self, request: Request) -> None:
+        queue = self._queues.get(request.client)
+        limit = self.config.max_queued_per_client
+        if queue is not None and len(queue) >= limit:
+            self.listener.rejected(request, "max_queued_per_client")
+            raise ServerBusyError(f"server busy: this client already has {len(queue)} requests queued "
+                                  f"(max_queued_per_client={limit}); wait for replies before sending more")
 
     def _check_rows(self, request: Request) -> None:
         observation, options = request.data.get("observation"), request.data.get("options")

@@ -237,7 +237,7 @@ class PolicyServer:
         cfg = self.config
         backend = self.backend
         return DoorContext(
-            submit=self.scheduler.submit, listener=self.listener, modality_config=backend.get_modality_config(),
+            submit=self.scheduler.submit, check_room=self.scheduler.check_room, listener=self.listener, modality_config=backend.get_modality_config(),
             modality_dims=backend.get_modality_dims(), host=cfg.host, api_token=cfg.api_token,
             max_message_bytes=cfg.max_message_bytes, hard_limit_bytes=cfg.read_limit_bytes, verbose=cfg.verbose,
             curve_secret_key=cfg.curve_secret_key, curve_authorized_keys=cfg.curve_authorized_keys,

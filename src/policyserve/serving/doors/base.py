@@ -92,6 +92,8 @@ class DoorContext:
     """PEM private key file of ``tls_cert`` (None: in ``tls_cert``)."""
     metrics_token: str | None = None
     """Token the metrics endpoint requires (``Authorization: Bearer``); None: none."""
+    check_room: Callable[[Request], None] = lambda request: None
+    """Raise ``ServerBusyError`` if the request's client has no room in its queue (asked before decoding)."""
 
     def authorized(self, token: object) -> bool:
         """True when no token is required or ``token`` equals it (compared in constant time)."""

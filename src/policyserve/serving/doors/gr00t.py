@@ -397,6 +397,8 @@ class Gr00tDoor(FrontDoor):
             spec = self._endpoints.get(endpoint)
             if spec is None:
                 raise ProtocolError(f"Unknown endpoint: {_clip(endpoint)}")
+            if spec.handler is None:  # queued: a client whose queue is full is refused before decoding
+                ctx.check_room(Request(envelope[0].hex(), endpoint, {}, _no_reply, protocol=PROTOCOL))
             data: Any = {}
             if spec.requires_input and head.has_data:  # endpoints without input are never decoded
                 stats = DecodeStats()
@@ -438,6 +440,10 @@ class Gr00tDoor(FrontDoor):
         handler = spec.handler
         call = (lambda: handler(**data)) if spec.requires_input else handler
         return Request(client, endpoint, data, reply, nbytes=size, protocol=PROTOCOL, received=received, call=call)
+
+
+def _no_reply(outcome: Outcome) -> None:
+    """The reply of a request that is only checked, never queued."""
 
 
 def _envelope(frames: list[zmq.Frame]) -> list[bytes] | None:
