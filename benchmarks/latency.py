@@ -45,6 +45,50 @@ def cell(policy, envs, env_config, mode: str, delay: int, args: argparse.Namespa
             **jerk.to_json(), "seconds": round(time.perf_counter() - start, 1)}
 
 
+_WORKER: dict = {}
+"""This process's policy, envs and settings (one process runs many cells on the same envs)."""
+
+
+def worker_init(task: str, path: str, args: argparse.Namespace) -> None:
+    """Load the checkpoint and build the envs once in this process."""
+    import torch
+
+    from policyserve.eval.envs import EnvConfig, make_envs
+    from policyserve.model import load_policy
+    from policyserve.sim.envs import FrankaEnvConfig
+
+    torch.set_num_threads(args.threads)
+    policy = load_policy(path, device="cpu")
+    env_config = EnvConfig(task=task, sim=FrankaEnvConfig(camera_size=(args.camera_size, args.camera_size)))
+    envs = make_envs(env_config, args.n_envs, video_keys=policy.get_modality_config()["video"].modality_keys,
+                     max_episode_steps=args.max_episode_steps)  # built once: every cell runs the same envs
+    _WORKER.update(policy=policy, envs=envs, env_config=env_config, args=args)
+
+
+def worker_cell(delay_mode: tuple[int, str]) -> dict:
+    """Run one (delay, mode) cell on this process's envs and print its line."""
+    delay, mode = delay_mode
+    row = cell(_WORKER["policy"], _WORKER["envs"], _WORKER["env_config"], mode, delay, _WORKER["args"])
+    print(f"{row['task']} {mode} d={delay}: {row['successes']}/{row['n']} in {row['seconds']} s", flush=True)
+    return row
+
+
+def run_cells_in_processes(task: str, path: str, cells: list[tuple[int, str]], args: argparse.Namespace) -> list[dict]:
+    """The cells' rows, in ``cells`` order, computed on ``args.processes`` worker processes (spawned: the envs
+    hold GL contexts). Each cell is seeded on its own, so a row does not depend on which process ran it."""
+    import multiprocessing
+
+    # Longest first (sync waits longest, larger delays take more steps) so the processes finish together.
+    order = sorted(range(len(cells)), key=lambda i: (-cells[i][0], cells[i][1] != "sync"))
+    with multiprocessing.get_context("spawn").Pool(args.processes, initializer=worker_init,
+                                                    initargs=(task, path, args)) as pool:
+        results = pool.map(worker_cell, [cells[i] for i in order], chunksize=1)
+    rows: list[dict | None] = [None] * len(cells)
+    for i, row in zip(order, results):
+        rows[i] = row
+    return [r for r in rows if r is not None]
+
+
 def fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -74,7 +118,9 @@ def main() -> None:
     parser.add_argument("--max-episode-steps", type=int, default=200)
     parser.add_argument("--camera-size", type=int, default=84)
     parser.add_argument("--seed", type=int, default=1000, help="episode k is seeded seed + k; also the policy seed")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the cells on this many processes (each with its own envs; same rows)")
     parser.add_argument("--cost-reps", type=int, default=10, help="timed calls per RTC-cost measurement")
     parser.add_argument("--json", default=None, help="write the rows and the RTC cost here")
     args = parser.parse_args()
@@ -82,8 +128,6 @@ def main() -> None:
     import torch
 
     from model import rtc_cost  # benchmarks/model.py
-    from policyserve.eval.envs import EnvConfig, make_envs
-    from policyserve.sim.envs import FrankaEnvConfig
     from policyserve.model import load_policy
     from policyserve.registry import get_embodiment_spec
 
@@ -92,18 +136,17 @@ def main() -> None:
     rows: list[dict] = []
     costs: dict[str, dict] = {}
     for task, path in runs:
+        cells = [(delay, mode) for delay in args.delays for mode in args.modes]
+        if args.processes > 1:
+            rows += run_cells_in_processes(task, path, cells, args)
+        else:
+            worker_init(task, path, args)
+            try:
+                for delay, mode in cells:
+                    rows.append(worker_cell((delay, mode)))
+            finally:
+                _WORKER["envs"].close()
         policy = load_policy(path, device="cpu")
-        env_config = EnvConfig(task=task, sim=FrankaEnvConfig(camera_size=(args.camera_size, args.camera_size)))
-        envs = make_envs(env_config, args.n_envs, video_keys=policy.get_modality_config()["video"].modality_keys,
-                         max_episode_steps=args.max_episode_steps)  # built once: every cell runs the same envs
-        try:
-            for delay in args.delays:
-                for mode in args.modes:
-                    rows.append(cell(policy, envs, env_config, mode, delay, args))
-                    r = rows[-1]
-                    print(f"{task} {mode} d={delay}: {r['successes']}/{r['n']} in {r['seconds']} s", flush=True)
-        finally:
-            envs.close()
         image_size = policy.bundle.model_config.image_size
         costs[task] = rtc_cost(policy, image_size, get_embodiment_spec("franka_panda"), [1, 8], args.cost_reps)
     print(f"\nexecution horizon s={args.n_action_steps}, {args.n_episodes} episodes per cell (seeds {args.seed}..."

@@ -52,11 +52,25 @@ def rtc_cost(policy: ModelPolicy, image_size: int, spec, batch_sizes: list[int],
     row: dict[str, float] = {}
     for batch in batch_sizes:
         obs = observation(batch, image_size, spec)
-        plain, _ = latency_ms(policy, obs, reps)
-        guided, _ = latency_ms(policy, obs, reps, rtc_options(policy, obs))
+        plain, guided = paired_latency_ms(policy, obs, reps, {"seed": 0}, rtc_options(policy, obs))
         row.update({f"plain_ms_B{batch}": round(plain, 1), f"rtc_ms_B{batch}": round(guided, 1),
                     f"rtc_cost_B{batch}": round(guided / plain, 2)})
     return row
+
+
+def paired_latency_ms(policy: ModelPolicy, obs: dict, reps: int, first: dict, second: dict) -> tuple[float, float]:
+    """Median milliseconds of ``policy.get_action`` with ``first`` and with ``second`` options, timed alternately
+    (so a change in the machine's load falls on both alike), after two warm-up calls of each."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for rep in range(reps + 2):
+        for options, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            policy.get_action(obs, options)
+            if policy.device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep >= 2:
+                out.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def latency_ms(policy: ModelPolicy, obs: dict, reps: int, options: dict | None = None) -> tuple[float, float]:

@@ -104,6 +104,32 @@ class SlowPolicy(ConstantPolicy):
         return {"reset": True}
 
 
+LONG_CALL_MARK = 99.0
+"""An ``eef_pos`` value (see :func:`marked_observation`) that makes :class:`LongCallPolicy` take its long delay."""
+
+
+class LongCallPolicy(SlowPolicy):
+    """A :class:`SlowPolicy` whose calls with a row marked :data:`LONG_CALL_MARK` take ``long_delay`` s more,
+    during which a file in ``marker_dir`` holds the name of the Ray Serve replica making the call (so a test can
+    kill a replica known to be mid-call)."""
+
+    def __init__(self, delay: float, marker_dir: str, long_delay: float = 5.0) -> None:
+        super().__init__(delay)
+        self.marker_dir = marker_dir
+        self.long_delay = long_delay
+
+    def _get_action(self, observation, options=None):
+        if np.any(observation["state"]["eef_pos"] == LONG_CALL_MARK):
+            from ray import serve
+
+            marker = os.path.join(self.marker_dir, f"{os.getpid()}-{time.monotonic_ns()}")
+            with open(marker + ".tmp", "w") as f:
+                f.write(serve.get_replica_context().replica_id.to_full_id_str())
+            os.replace(marker + ".tmp", marker)  # a reader never sees a half-written name
+            time.sleep(self.long_delay)
+        return super()._get_action(observation, options)
+
+
 def marked_observation(value: float, batch: int = 1) -> dict:
     obs = franka_observation(batch=batch)
     obs["state"]["eef_pos"][:] = value

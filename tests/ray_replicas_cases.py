@@ -29,9 +29,10 @@ from policyserve.data.lerobot import LeRobotDataset
 from policyserve.serving.spec import PolicySpec
 from policyserve.serving.ray_backend import RayBackend, RayConfig
 
-from helpers import SlowPolicy, concurrently, descendants, franka_observation, marked_observation
+from helpers import (LONG_CALL_MARK, LongCallPolicy, SlowPolicy, concurrently, descendants, franka_observation,
+                     marked_observation)
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]  # bounded, with room for a machine under load
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -59,9 +60,15 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def slow_server(cluster):
+def marker_dir(tmp_path_factory):
+    """Where :class:`LongCallPolicy` replicas say which of them is making a long call."""
+    return tmp_path_factory.mktemp("long-calls")
+
+
+@pytest.fixture(scope="module")
+def slow_server(cluster, marker_dir):
     """A front door over two replicas of a 0.2 s echoing policy, on the cluster's two nodes."""
-    backend = RayBackend(functools.partial(SlowPolicy, delay=0.2),
+    backend = RayBackend(functools.partial(LongCallPolicy, delay=0.2, marker_dir=str(marker_dir)),
                          RayConfig(replicas=2, ray_address=cluster.address, no_replica_timeout_s=20,
                                    start_timeout_s=60))
     server = PolicyServer(backend=backend, port=0)
@@ -120,11 +127,12 @@ def test_two_replicas_on_two_nodes_answer_merged_batches(slow_server):
         assert client.get_action(marked_observation(7.0))[0]["arm"].max() == 7.0
 
 
-def test_killing_a_replica_mid_load_leaves_every_request_answered(slow_server, capfd):
+def test_killing_a_replica_mid_load_leaves_every_request_answered(slow_server, marker_dir, capfd):
     server, backend = slow_server
     wait_for(lambda: backend.replica_states() == {"RUNNING": 2}, 60, "two running replicas")
     results: list = []
     seen: list[str] = []
+    long_call: list = []
 
     def load(value: float) -> None:
         with PolicyClient(port=server.port, timeout_ms=60000) as client:
@@ -137,17 +145,30 @@ def test_killing_a_replica_mid_load_leaves_every_request_answered(slow_server, c
                 except ServerError as exc:
                     results.append(exc)
 
+    def long() -> None:  # a call that is still running on its replica when that replica is killed
+        with PolicyClient(port=server.port, timeout_ms=120000) as client:
+            try:
+                long_call.append(client.get_action(marked_observation(LONG_CALL_MARK))[0]["arm"])
+            except ServerError as exc:
+                long_call.append(exc)
+
     threads = [threading.Thread(target=load, args=(float(v),)) for v in range(1, 5)]
     for t in threads:
         t.start()
     wait_for(lambda: len(seen) >= 4, 60, "the first replies")
-    victim = seen[-1]
+    threads.append(threading.Thread(target=long))
+    threads[-1].start()
+    markers = lambda: [p for p in marker_dir.iterdir() if p.suffix != ".tmp"]  # noqa: E731
+    wait_for(lambda: bool(markers()), 60, "the long call to start on a replica")
+    victim = markers()[0].read_text()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads)
 
     assert len(results) == 48  # every request answered...
+    assert len(long_call) == 1 and not isinstance(long_call[0], Exception), long_call
+    assert np.all(long_call[0] == LONG_CALL_MARK)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, f"in-flight calls of the killed replica should be retried on the other one: {errors}"
     assert "Policy replica died during get_action" in capfd.readouterr().out  # ...by the retry

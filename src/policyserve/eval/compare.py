@@ -352,17 +352,16 @@ def run_comparison(model: BasePolicy, replay: BasePolicy, config: ComparisonConf
             side.close()
         if own_envs:
             batch.close()
-    per_key = divergence_steps(np.array([r.model_action for r in records], dtype=np.float64),
-                               np.array([r.replay_action for r in records], dtype=np.float64), dims,
-                               config.action_threshold, config.action_window,
-                               resamples=np.array([r.model_resamples for r in records], dtype=np.float64)
-                               if records and config.noise_samples else None)
     result = ComparisonResult(
         records, list(dims), dims, _first([r.eef_distance for r in records], config.eef_threshold),
-        first_step(per_key), config_dict(config), seconds=time.perf_counter() - started,
-        first_obs_diff=first_obs_diff, action_divergence_per_key=per_key, demo_length=length,
-        demo_split=split if isinstance(split, str) else None,
+        None, config_dict(config), seconds=time.perf_counter() - started,
+        first_obs_diff=first_obs_diff, demo_length=length, demo_split=split if isinstance(split, str) else None,
     )
+    result.action_divergence_per_key = divergence_steps(
+        np.array([r.model_action for r in records], dtype=np.float64),
+        np.array([r.replay_action for r in records], dtype=np.float64), dims, config.action_threshold,
+        config.action_window, resamples=result.model_resamples)
+    result.action_divergence_step = first_step(result.action_divergence_per_key)
     if out is not None:
         result.files = save_outputs(result, out)
         if writer is not None and writer.num_frames:
@@ -390,8 +389,8 @@ def _record(t: int, start: int, actions: list[np.ndarray], eefs: list[np.ndarray
     dims = sides[1].driver.adapter.action_dims or {}
     model = np.asarray(actions[0], np.float64)
     diff = max_diff_per_key(model[None], np.asarray(actions[1], np.float64)[None], dims)
-    noise = {k: float(np.max([max_diff_per_key(model[None], r[None], dims)[k] for r in resamples]))
-             for k in diff} if len(resamples) else {}
+    # max_diff_per_key takes the max over its rows: the resamples stacked as rows against the model action
+    noise = max_diff_per_key(np.broadcast_to(model, np.shape(resamples)), resamples, dims) if len(resamples) else {}
     return StepRecord(
         t, start + t, [float(v) for v in actions[0]], [float(v) for v in actions[1]], diff,
         [float(v) for v in eefs[0]], [float(v) for v in eefs[1]], float(np.linalg.norm(eefs[0] - eefs[1])),
