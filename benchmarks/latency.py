@@ -8,7 +8,8 @@ actions' jerk at chunk boundaries (J_B) and inside chunks (J_I), and the cost of
 plain one at B=1 and B=8. The policy runs in this process (the served path is the same policy call).
 
     python benchmarks/latency.py --model-path RUN [--task lift] [--n-episodes 50] [--delays 0 1 2 4 8] \
-        [--modes sync async ensemble rtc] [--n-envs 2] [--camera-size 84] [--seed 1000] [--json out.json]
+        [--modes sync async ensemble rtc] [--camera-size 84] [--seed 1000] [--processes 2 --threads 1] \
+        [--json out.json]
     # and a Stack model: --stack-model-path RUN_STACK
 """
 

@@ -107,22 +107,33 @@ def hostile(kind: str, ports: dict, until: float, token: str, out) -> None:
     bomb = b"\xdd" + (size - 5).to_bytes(4, "big") + b"\x90" * (size - 5)
     head = msgpack.packb("endpoint") + msgpack.packb("get_action") + msgpack.packb("data")
     times: list[float] = []
-    if kind == "bomb-no-token":
-        body = b"\x82" + head + bomb
+    setups: list[float] = []
+    if kind in ("bomb-no-token", "bomb-token"):
+        body = (b"\x82" + head + bomb if kind == "bomb-no-token"
+                else b"\x83" + head + bomb + msgpack.packb("api_token") + msgpack.packb(token))
+        # One connection for all bombs, so a time is the message's own (send -> refusal); the time of a fresh
+        # connection's first exchange (connect + handshake + the same message) is reported beside it.
         while time.time() < until:
             t = time.perf_counter()
             ask(body)
-            times.append(time.perf_counter() - t)
-            time.sleep(1.0)
-        note = f"send->reply max {max(times) * 1000:.0f} ms"
-    elif kind == "bomb-token":
-        body = b"\x83" + head + bomb + msgpack.packb("api_token") + msgpack.packb(token)
+            setups.append(time.perf_counter() - t)
+            if len(setups) >= 3:
+                break
+            time.sleep(0.5)
+        sock = dealer()
         while time.time() < until:
             t = time.perf_counter()
-            ask(body)
-            times.append(time.perf_counter() - t)
-            time.sleep(2.0)
-        note = f"send->reply max {max(times) * 1000:.0f} ms"
+            sock.send(body, copy=False)
+            sent += 1
+            if sock.poll(30000):
+                sock.recv()
+                answered += 1
+                times.append(time.perf_counter() - t)
+            time.sleep(1.0 if kind == "bomb-no-token" else 2.0)
+        sock.close(0)
+        times_ms = sorted(t * 1000 for t in times) or [float("nan")]
+        note = (f"send->reply median {times_ms[len(times_ms) // 2]:.0f} ms, max {times_ms[-1]:.0f} ms "
+                f"({len(times)} on one connection); on a fresh connection max {max(setups) * 1000:.0f} ms")
     elif kind == "non-reader":
         sock = dealer(RCVHWM=1, RCVBUF=4096)
         body = packb({"endpoint": "get_action", "api_token": token,
