@@ -84,10 +84,8 @@ def run_cells_in_processes(task: str, path: str, cells: list[tuple[int, str]], a
     with multiprocessing.get_context("spawn").Pool(args.processes, initializer=worker_init,
                                                     initargs=(task, path, args)) as pool:
         results = pool.map(worker_cell, [cells[i] for i in order], chunksize=1)
-    rows: list[dict | None] = [None] * len(cells)
-    for i, row in zip(order, results):
-        rows[i] = row
-    return [r for r in rows if r is not None]
+    by_cell = dict(zip(order, results))
+    return [by_cell[i] for i in range(len(cells))]
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:
@@ -147,7 +145,8 @@ def main() -> None:
                     rows.append(worker_cell((delay, mode)))
             finally:
                 _WORKER["envs"].close()
-        policy = load_policy(path, device="cpu")
+        policy = _WORKER["policy"] if _WORKER else load_policy(path, device="cpu")  # loaded here once
+        _WORKER.clear()
         image_size = policy.bundle.model_config.image_size
         costs[task] = rtc_cost(policy, image_size, get_embodiment_spec("franka_panda"), [1, 8], args.cost_reps)
     print(f"\nexecution horizon s={args.n_action_steps}, {args.n_episodes} episodes per cell (seeds {args.seed}..."

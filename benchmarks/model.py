@@ -64,13 +64,19 @@ def paired_latency_ms(policy: ModelPolicy, obs: dict, reps: int, first: dict, se
     times: tuple[list[float], list[float]] = ([], [])
     for rep in range(reps + 2):
         for options, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            policy.get_action(obs, options)
-            if policy.device.type == "cuda":
-                torch.cuda.synchronize()
+            ms = call_ms(policy, obs, options)
             if rep >= 2:
-                out.append((time.perf_counter() - start) * 1000)
+                out.append(ms)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def call_ms(policy: ModelPolicy, obs: dict, options: dict) -> float:
+    """Milliseconds of one ``policy.get_action`` call (synchronized on CUDA)."""
+    start = time.perf_counter()
+    policy.get_action(obs, options)
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
 
 
 def latency_ms(policy: ModelPolicy, obs: dict, reps: int, options: dict | None = None) -> tuple[float, float]:
@@ -78,13 +84,7 @@ def latency_ms(policy: ModelPolicy, obs: dict, reps: int, options: dict | None =
     options = options or {"seed": 0}
     for _ in range(2):
         policy.get_action(obs, options)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        policy.get_action(obs, options)
-        if policy.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+    times = [call_ms(policy, obs, options) for _ in range(reps)]
     return statistics.median(times), float(np.percentile(times, 90))
 
 

@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.parametrize("cases", ["ray_eval_cases.py", "ray_replicas_cases.py", "ray_safety_cases.py"])
 def test_ray_cases_in_a_fresh_process(cases):
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings", str(HERE / cases)],
+        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings",
+         str(HERE / cases)],
         cwd=HERE.parent, capture_output=True, text=True, timeout=2900)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
