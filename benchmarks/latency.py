@@ -149,11 +149,14 @@ def main() -> None:
         _WORKER.clear()
         image_size = policy.bundle.model_config.image_size
         costs[task] = rtc_cost(policy, image_size, get_embodiment_spec("franka_panda"), [1, 8], args.cost_reps)
+        costs[task]["rtc_max_delay"] = policy.bundle.model_config.rtc_max_delay
     print(f"\nexecution horizon s={args.n_action_steps}, {args.n_episodes} episodes per cell (seeds {args.seed}..."
           f"{args.seed + args.n_episodes - 1}), max {args.max_episode_steps} steps, torch threads {args.threads}")
     print_table(rows)
     for task, cost in costs.items():
-        print(f"RTC request cost ({task} model, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain {cost['plain_ms_B1']} ms "
+        how = (f"frozen steps conditioned up to d={cost['rtc_max_delay']} (training-time RTC)"
+               if cost["rtc_max_delay"] else "guided (inference-time RTC)")
+        print(f"RTC request cost ({task} model, {how}, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain {cost['plain_ms_B1']} ms "
               f"({cost['rtc_cost_B1']}x); B=8 {cost['rtc_ms_B8']} ms vs {cost['plain_ms_B8']} ms "
               f"({cost['rtc_cost_B8']}x)")
     if args.json:

@@ -11,7 +11,9 @@ every few seconds. Prints the RSS trend (start, peak, end, slope) and any reques
 file; well-behaved REQ clients first run alone (``--solo-seconds``) for their solo latency, then alongside
 every hostile kind: 16 MB decode bombs without and with the token, a client that never reads its replies,
 a flooder, requests with too many rows, unknown-endpoint spam with forged log lines, connection churn and
-idle TCP connections on every port. Prints the well-behaved p50/p99 against solo, the server's RSS trend,
+idle TCP connections on every port. The hostile processes run at ``--hostile-nice`` (default 10): on this
+one machine their own CPU would otherwise count against the clients that measure, while the server's work
+for them counts either way. Prints the well-behaved p50/p99 against solo, the server's RSS trend,
 its log size, and any well-behaved request left unanswered.
 
     python benchmarks/soak.py --hostile [--minutes 1] [--clients 4]
@@ -68,8 +70,9 @@ def well_behaved(port: int, start: float, until: float, seed: int, token: str, o
     out.put(("well-behaved", latencies, failed))
 
 
-def hostile(kind: str, ports: dict, until: float, token: str, out) -> None:
-    """One hostile client of ``kind`` until ``until``; reports (kind, sent, answered, note)."""
+def hostile(kind: str, ports: dict, until: float, token: str, out, nice: int = 0) -> None:
+    """One hostile client of ``kind`` until ``until``, at OS priority ``nice``; reports (kind, sent, answered, note)."""
+    import os
     import socket
 
     import msgpack
@@ -80,6 +83,7 @@ def hostile(kind: str, ports: dict, until: float, token: str, out) -> None:
     from policyserve import PolicyClient
     from policyserve.wire.gr00t import packb, unpackb
 
+    os.nice(nice)  # an attacker's own CPU is its machine's, not the server's (see --hostile-nice)
     port = ports["gr00t"]
     ctx = zmq.Context()
     sent = answered = 0
@@ -228,7 +232,8 @@ def hostile_main(args: argparse.Namespace) -> None:
         until = start + seconds
         procs = [ctx.Process(target=well_behaved, args=(ports["gr00t"], start, until, i, token, out))
                  for i in range(args.clients)]
-        procs += [ctx.Process(target=hostile, args=(kind, ports, until, token, out)) for kind in kinds]
+        procs += [ctx.Process(target=hostile, args=(kind, ports, until, token, out, args.hostile_nice))
+                  for kind in kinds]
         for p in procs:
             p.start()
         while time.time() < until:
@@ -262,7 +267,7 @@ def hostile_main(args: argparse.Namespace) -> None:
     # least-squares slope over the second half (single samples jump by a bomb's 16 MB in flight)
     slope = float(np.polyfit([t for t, _ in second], [r for _, r in second], 1)[0] * 60) if len(second) > 2 else 0.0
     print(f"soak --hostile: {args.minutes} min hostile (+{args.solo_seconds} s solo), {args.clients} well-behaved "
-          f"clients, hostile kinds: {', '.join(kinds)}")
+          f"clients, hostile kinds: {', '.join(kinds)}; hostile processes at nice {args.hostile_nice}")
     print(f"well-behaved get_action ms: solo p50 {np.percentile(solo_ms, 50):.1f} p99 {np.percentile(solo_ms, 99):.1f} "
           f"(n={len(solo_ms)}); under attack p50 {np.percentile(mixed_ms, 50):.1f} p99 "
           f"{np.percentile(mixed_ms, 99):.1f} (n={len(mixed_ms)}); p99 ratio "
@@ -360,6 +365,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--hostile", action="store_true", help="well-behaved clients alongside hostile ones")
     parser.add_argument("--solo-seconds", type=float, default=15.0, help="--hostile: well-behaved alone first")
+    parser.add_argument("--hostile-nice", type=int, default=10,
+                        help="--hostile: OS niceness of the hostile client processes. On one machine their own CPU "
+                             "competes with the server and the measuring clients; in a real attack it is on other "
+                             "machines. The server's work for them counts either way; 0 measures them at equal "
+                             "priority")
     parser.add_argument("--log", default=None, help="--hostile: server log file")
     parser.add_argument("--kinds", default=None, help="--hostile: comma-separated subset of hostile kinds "
                                                       "(default: all)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -225,3 +226,91 @@ def test_rtc_served_over_the_gr00t_wire(policy: ModelPolicy, serve) -> None:
     constant = serve(ConstantPolicy(SPEC.modality_configs, SPEC.dims)).client
     with pytest.raises(ServerError, match="cannot inpaint"):
         constant.call_endpoint("get_action", {"observation": obs, "options": options})
+
+
+@pytest.fixture(scope="module")
+def conditioned_policy() -> ModelPolicy:
+    """A tiny policy trained with training-time RTC (``rtc_max_delay`` 4) for 30 steps."""
+    episodes = make_episodes(SPEC.modality_configs, SPEC.dims.state, SPEC.dims.action, n_episodes=4, length=20,
+                             image_hw=(24, 24))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(episodes, SPEC.modality_configs, out,
+                          TrainConfig(max_steps=40, batch_size=8, progress=False, resume=False, save_steps=1000),
+                          architecture={**TINY, "rtc_max_delay": 4}, embodiment_tag="franka_panda")
+        losses = [trainer.train_step() for _ in range(30)]
+    assert all(np.isfinite(losses))
+    return ModelPolicy(trainer.model, trainer.bundle)
+
+
+def test_per_step_flow_times_equal_one_time_per_chunk(policy: ModelPolicy) -> None:
+    net = policy.model
+    memory = net.encode(*[v for v in _encoded(policy, observation(2))])
+    x = torch.randn(2, H, policy.bundle.model_config.action_dim)
+    t = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        torch.testing.assert_close(net.velocity(memory, x, t), net.velocity(memory, x, t.view(2, 1).expand(2, H)))
+
+
+def _encoded(policy: ModelPolicy, obs: dict) -> tuple:
+    video, state, text, _ = policy._inputs(obs)
+    return video, state, text
+
+
+def test_training_time_rtc_loss_scores_only_the_steps_after_the_prefix(conditioned_policy: ModelPolicy) -> None:
+    """The committed prefix is an input, not a target: shifting its targets moves the loss far less than shifting
+    the same number of scored steps; with no prefix (delay 0) the loss is the plain flow-matching loss."""
+    net = conditioned_policy.model
+    video, state, text = _encoded(conditioned_policy, observation(3))
+    actions = torch.rand(3, H, conditioned_policy.bundle.model_config.action_dim) * 2 - 1
+    four = torch.full((3,), 4)
+
+    def loss(chunk: torch.Tensor, delays: torch.Tensor | None) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(net.loss(video, state, text, chunk, delays))
+
+    base = loss(actions, four)
+    prefix_moved, scored_moved = actions.clone(), actions.clone()
+    prefix_moved[:, :4] += 5.0
+    scored_moved[:, 4:8] += 5.0
+    assert abs(loss(scored_moved, four) - base) > 10 * abs(loss(prefix_moved, four) - base)
+    no_prefix = loss(actions, torch.zeros(3, dtype=torch.long))
+    saved, net.config = net.config, dataclasses.replace(net.config, rtc_max_delay=0)
+    try:
+        plain = loss(actions, None)
+    finally:
+        net.config = saved
+    assert no_prefix == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("delay", [2, 4, 6])
+def test_training_time_rtc_holds_the_frozen_steps_exactly(conditioned_policy: ModelPolicy, delay: int) -> None:
+    """Up to ``rtc_max_delay`` frozen steps are held at the committed prefix exactly; beyond it they are guided."""
+    policy = conditioned_policy
+    obs = observation(3)
+    prefix = committed(policy, obs, seed=2)
+    plain, _ = policy.get_action(obs, {"seed": 1})
+    guided, _ = policy.get_action(obs, {"seed": 1, "rtc": rtc(prefix, delay=delay)})
+    target = normalized(policy, prefix)
+    out = normalized(policy, guided)
+    held = min(delay, 4)
+    np.testing.assert_allclose(out[:, :held], target[:, :held], rtol=0, atol=1e-5)
+    assert np.abs(normalized(policy, plain)[:, :held] - target[:, :held]).max() > 5 * FROZEN_TOLERANCE
+    # The free steps are the model's own continuation of the prefix, not the plain chunk.
+    assert np.abs(out[:, delay:] - normalized(policy, plain)[:, delay:]).max() > 1e-3
+
+
+def test_training_time_rtc_merged_equals_separate_and_delay_zero_is_plain(conditioned_policy: ModelPolicy) -> None:
+    policy = conditioned_policy
+    obs = [observation(2, seed=0), observation(1, seed=1)]
+    options = [{"seed": 1, "rtc": rtc(committed(policy, obs[0], seed=5), delay=3)},
+               {"seed": 2, "rtc": rtc(committed(policy, obs[1], seed=6), delay=0, max_guidance_weight=0.0)}]
+    separate = [policy.get_action(o, opts)[0] for o, opts in zip(obs, options)]
+    merged = policy.serve_batch([ActionRequest(o, opts, f"c{i}") for i, (o, opts) in enumerate(zip(obs, options))])
+    for alone, outcome in zip(separate, merged):
+        assert not isinstance(outcome, Exception), outcome
+        for key in alone:
+            np.testing.assert_allclose(outcome[0][key], alone[key], rtol=0, atol=1e-5)
+    plain, _ = policy.get_action(obs[1], {"seed": 2})
+    for key in plain:  # no frozen step and no guidance: the plain chunk
+        np.testing.assert_allclose(separate[1][key], plain[key], rtol=0, atol=1e-6)

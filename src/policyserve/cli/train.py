@@ -8,7 +8,7 @@ import json
 from .common import add_progress, embodiment_hint
 from .flags import add_config_flags, config_kwargs
 
-ARCHITECTURE = ("image_size", "d_model", "num_inference_steps")
+ARCHITECTURE = ("image_size", "d_model", "num_inference_steps", "rtc_max_delay")
 """ModelConfig fields the command line sets (the rest keep their defaults)."""
 
 

@@ -41,6 +41,11 @@ class ModelConfig:
     noise_beta_alpha: float = 1.5
     noise_beta_beta: float = 1.0
     noise_s: float = 0.999
+    rtc_max_delay: int = 0
+    """Training-time real-time chunking (Black et al. 2025, arXiv 2512.05964): each training chunk's first
+    ``d`` actions, ``d`` uniform in 0..rtc_max_delay, are given clean (flow time 1) and left out of the loss, so
+    the model learns to continue a committed prefix. At inference an ``rtc`` request's frozen steps (up to this
+    many) are then conditioned on exactly instead of guided. 0: trained without it."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -50,6 +55,9 @@ class ModelConfig:
         for name in ("video_horizon", "state_horizon", "action_horizon", "image_size", "num_inference_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.rtc_max_delay, bool) or not 0 <= int(self.rtc_max_delay) < int(self.action_horizon):
+            raise ConfigError(f"ModelConfig.rtc_max_delay must be from 0 to action_horizon - 1 "
+                              f"({int(self.action_horizon) - 1}), got {self.rtc_max_delay!r}")
 
     @property
     def action_dim(self) -> int:

@@ -124,8 +124,12 @@ class FlowMatchingPolicyNet(nn.Module):
         return self.trunk_norm(self.trunk(torch.cat(tokens, dim=1)))
 
     def velocity(self, memory: Tensor, noisy_actions: Tensor, t: Tensor) -> Tensor:
-        """Predicted flow velocity (B, H, A) for noisy chunks at flow times ``t`` (B,)."""
-        time = self.time_mlp(timestep_embedding(t, self.config.d_model)).unsqueeze(1)
+        """Predicted flow velocity (B, H, A) for noisy chunks at flow times ``t``: one per chunk (B,) or one per
+        action step (B, H) (training-time RTC gives a committed prefix time 1)."""
+        if t.dim() == 1:
+            time = self.time_mlp(timestep_embedding(t, self.config.d_model)).unsqueeze(1)
+        else:
+            time = self.time_mlp(timestep_embedding(t.flatten(), self.config.d_model)).view(*t.shape, -1)
         x = self.action_in(noisy_actions) + self.action_pos + time
         return self.action_out(self.head(x, memory))
 
@@ -135,10 +139,12 @@ class FlowMatchingPolicyNet(nn.Module):
         beta = torch.distributions.Beta(torch.tensor(c.noise_beta_alpha), torch.tensor(c.noise_beta_beta))
         return ((c.noise_s - beta.sample((batch,))) / c.noise_s).clamp(0.0, 1.0).to(device)
 
-    def loss(self, video: dict[str, Tensor], state: dict[str, Tensor], text: Tensor, actions: Tensor) -> Tensor:
+    def loss(self, video: dict[str, Tensor], state: dict[str, Tensor], text: Tensor, actions: Tensor,
+             delays: Tensor | None = None) -> Tensor:
         """Flow-matching MSE between predicted and true velocity on a batch of normalized chunks.
 
-        Noise and flow times come from torch's global RNG (seeded by the trainer).
+        Noise, flow times and (with ``rtc_max_delay``) each chunk's committed prefix length come from torch's
+        global RNG (seeded by the trainer); ``delays`` (B,) sets the prefix lengths instead.
         """
         memory = self.encode(video, state, text)
         b = actions.shape[0]
@@ -146,7 +152,17 @@ class FlowMatchingPolicyNet(nn.Module):
         t = self.sample_time(b, actions.device)
         tt = t.view(b, 1, 1)
         noisy = (1.0 - tt) * noise + tt * actions
-        return F.mse_loss(self.velocity(memory, noisy, t), actions - noise)
+        if not self.config.rtc_max_delay and delays is None:
+            return F.mse_loss(self.velocity(memory, noisy, t), actions - noise)
+        # Training-time RTC: a committed prefix of d steps is given clean, at flow time 1, and not scored.
+        if delays is None:
+            delays = torch.randint(0, self.config.rtc_max_delay + 1, (b,), device=actions.device)
+        prefix = torch.arange(actions.shape[1], device=actions.device).unsqueeze(0) < delays.view(b, 1)  # (B, H)
+        noisy = torch.where(prefix.unsqueeze(-1), actions, noisy)
+        times = torch.where(prefix, torch.ones_like(noisy[..., 0]), t.view(b, 1).expand(-1, actions.shape[1]))
+        error = (self.velocity(memory, noisy, times) - (actions - noise)).square().mean(-1)
+        scored = (~prefix).to(error.dtype)
+        return (error * scored).sum() / scored.sum()
 
     @torch.no_grad()
     def sample(
@@ -155,17 +171,23 @@ class FlowMatchingPolicyNet(nn.Module):
     ) -> Tensor:
         """Integrate the flow from ``noise`` (B, H, A) with ``steps`` Euler steps; normalized chunk out.
 
-        With ``guidance`` the chunk inpaints the guidance targets (real-time chunking, see :mod:`.rtc`).
+        With ``guidance`` the chunk inpaints the guidance targets (real-time chunking, see :mod:`.rtc`): its
+        conditioned steps (``guidance.conditioned``, models trained with ``rtc_max_delay``) are held at the target
+        at flow time 1, its weighted steps are guided.
         """
         steps = steps or self.config.num_inference_steps
         memory = self.encode(video, state, text)
         x = noise
+        held = None if guidance is None else guidance.held(x.shape[1])  # (B, H) bool, or None
         for i in range(steps):
             t = torch.full((x.shape[0],), i / steps, device=x.device)
-            if guidance is None:
+            if held is not None:
+                x = torch.where(held.unsqueeze(-1), guidance.target, x)
+                t = torch.where(held, torch.ones_like(held, dtype=t.dtype), t.unsqueeze(1))
+            if guidance is None or not guidance.guides:
                 v = self.velocity(memory, x, t)
             else:
                 v = guided_velocity(lambda a, t=t: self.velocity(memory, a, t), x, i / steps, guidance)
             x = x + v / steps
-        return x
+        return x if held is None else torch.where(held.unsqueeze(-1), guidance.target, x)
 

@@ -136,7 +136,7 @@ class ModelPolicy(BasePolicy):
         normalizer = self.bundle.normalizer
         cfg = self.bundle.model_config
         return build_guidance(rows, cfg.action_horizon, lambda k, a: normalizer.normalize("action", k, a),
-                              cfg.action_dims)
+                              cfg.action_dims, cfg.rtc_max_delay)
 
     def _noise(self, batch: int, options: dict | None) -> torch.Tensor:
         cfg = self.bundle.model_config

@@ -8,6 +8,12 @@ overlapping steps are pulled towards the prefix with soft weights that decay to 
 by the vector-Jacobian product of the weighted error between the prefix and the predicted final chunk
 (pseudoinverse guidance), with the guidance weight clipped at ``max_guidance_weight`` (beta).
 
+A model trained with training-time RTC (``ModelConfig.rtc_max_delay``, Black et al. 2025, arXiv 2512.05964)
+is instead conditioned on the frozen steps: they are held at the prefix, at flow time 1, throughout
+sampling (up to ``rtc_max_delay`` of them), and only the soft-mask steps after them are guided. Pseudoinverse
+guidance moves a sample only as far as the model is unsure of it: a confident (near-deterministic) denoiser
+has a small Jacobian and barely follows the prefix, while conditioning is exact.
+
 The served option, per request (``prefix`` in the policy's un-normalized action space)::
 
     options={"rtc": {"prefix": {action_key: (B, P, D)}, "inference_delay": d, "execution_horizon": s,
@@ -181,15 +187,31 @@ def soft_mask(horizon: int, delay: int, execution_horizon: int, prefix_length: i
 class Guidance:
     """Per-row inpainting targets of one batched sampling call (rows without RTC have zero weights).
 
-    ``target`` (B, H, A): normalized prefix, zero-padded; ``weights`` (B, H); ``max_weight`` (B,) = beta.
+    ``target`` (B, H, A): normalized prefix, zero-padded; ``weights`` (B, H); ``max_weight`` (B,) = beta;
+    ``conditioned`` (B,) int: how many leading steps of each row are held at the target instead of guided
+    (training-time RTC; None: none).
     """
 
     target: Tensor
     weights: Tensor
     max_weight: Tensor
+    conditioned: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Guidance:
-        return Guidance(self.target.to(device), self.weights.to(device), self.max_weight.to(device))
+        return Guidance(self.target.to(device), self.weights.to(device), self.max_weight.to(device),
+                        None if self.conditioned is None else self.conditioned.to(device))
+
+    @property
+    def guides(self) -> bool:
+        """Whether any row has a guided step (a weight and beta above 0)."""
+        return bool(((self.weights > 0).any(dim=1) & (self.max_weight > 0)).any())
+
+    def held(self, horizon: int) -> Tensor | None:
+        """(B, H) bool: the steps held at the target (the first ``conditioned[b]`` of row b); None when none."""
+        if self.conditioned is None or not bool((self.conditioned > 0).any()):
+            return None
+        steps = torch.arange(horizon, device=self.conditioned.device).unsqueeze(0)
+        return steps < self.conditioned.unsqueeze(1)
 
 
 def guidance_weight(t: float, max_weight: Tensor) -> Tensor:
@@ -215,10 +237,12 @@ def guided_velocity(velocity: Callable[[Tensor], Tensor], x: Tensor, t: float, g
 
 
 def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Callable[[str, np.ndarray], np.ndarray],
-                   action_dims: Mapping[str, int]) -> Guidance | None:
+                   action_dims: Mapping[str, int], condition_limit: int = 0) -> Guidance | None:
     """The :class:`Guidance` of a batch whose row ``i`` asks for ``rows[i]`` (one-row requests; None: no RTC).
 
-    ``normalize(key, array)`` maps un-normalized actions of ``key`` to the network's space.
+    ``normalize(key, array)`` maps un-normalized actions of ``key`` to the network's space. A model trained with
+    training-time RTC up to ``condition_limit`` steps has each row's first ``min(inference_delay,
+    condition_limit)`` steps held at the prefix (exact); guidance covers the rest of the soft mask.
     Returns None when no row asks for RTC.
     """
     if all(row is None for row in rows):
@@ -227,6 +251,7 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
     target = np.zeros((batch, horizon, width), dtype=np.float32)
     weights = np.zeros((batch, horizon), dtype=np.float32)
     beta = np.zeros(batch, dtype=np.float32)
+    conditioned = np.zeros(batch, dtype=np.int64)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -236,4 +261,7 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
             start += dim
         weights[i] = row.weights(horizon)
         beta[i] = row.max_guidance_weight
-    return Guidance(torch.from_numpy(target), torch.from_numpy(weights), torch.from_numpy(beta))
+        conditioned[i] = min(row.inference_delay[0], condition_limit)
+        weights[i, : conditioned[i]] = 0.0  # held exactly: nothing to guide
+    return Guidance(torch.from_numpy(target), torch.from_numpy(weights), torch.from_numpy(beta),
+                    torch.from_numpy(conditioned) if conditioned.any() else None)
