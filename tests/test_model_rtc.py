@@ -32,18 +32,22 @@ FROZEN_TOLERANCE = 0.1
 (min-max normalization: the training data spans [-1, 1], so 0.1 is 5 % of an action's range)."""
 
 
-@pytest.fixture(scope="module")
-def policy() -> ModelPolicy:
+def trained(architecture: dict) -> ModelPolicy:
     """A tiny flow-matching policy trained for 30 steps on synthetic franka_panda episodes."""
     episodes = make_episodes(SPEC.modality_configs, SPEC.dims.state, SPEC.dims.action, n_episodes=4, length=20,
                              image_hw=(24, 24))
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(episodes, SPEC.modality_configs, out,
                           TrainConfig(max_steps=40, batch_size=8, progress=False, resume=False, save_steps=1000),
-                          architecture=TINY, embodiment_tag="franka_panda")
-        for _ in range(30):
-            trainer.train_step()
+                          architecture=architecture, embodiment_tag="franka_panda")
+        losses = [trainer.train_step() for _ in range(30)]
+    assert all(np.isfinite(losses))
     return ModelPolicy(trainer.model, trainer.bundle)
+
+
+@pytest.fixture(scope="module")
+def policy() -> ModelPolicy:
+    return trained(TINY)
 
 
 def observation(batch: int, seed: int = 0) -> dict:
@@ -116,6 +120,17 @@ def test_rtc_output_follows_the_committed_prefix_on_the_frozen_steps(policy: Mod
     assert plain_error > 5 * FROZEN_TOLERANCE  # the seeds were chosen so that the plain chunk disagrees
 
 
+def assert_merged_equals_separate(policy: ModelPolicy, obs: list[dict], options: list[dict]) -> list[dict]:
+    """Serve the requests one by one and as one merged call; the chunks agree. Returns the separate chunks."""
+    separate = [policy.get_action(o, opts)[0] for o, opts in zip(obs, options)]
+    merged = policy.serve_batch([ActionRequest(o, opts, f"c{i}") for i, (o, opts) in enumerate(zip(obs, options))])
+    for alone, outcome in zip(separate, merged):
+        assert not isinstance(outcome, Exception), outcome
+        for key in alone:
+            np.testing.assert_allclose(outcome[0][key], alone[key], rtol=0, atol=1e-5)
+    return separate
+
+
 def test_merged_rtc_requests_equal_separate_ones(policy: ModelPolicy) -> None:
     """Different prefixes, delays and horizons, and a request without RTC, in one merged call."""
     obs = [observation(2, seed=0), observation(1, seed=1), observation(1, seed=3)]
@@ -126,12 +141,7 @@ def test_merged_rtc_requests_equal_separate_ones(policy: ModelPolicy) -> None:
                                horizon=10, schedule="linear")},
     ]
     assert len({merge_key(o, policy.row_options) for o in options}) == 1  # the scheduler merges them
-    separate = [policy.get_action(o, opts)[0] for o, opts in zip(obs, options)]
-    merged = policy.serve_batch([ActionRequest(o, opts, f"c{i}") for i, (o, opts) in enumerate(zip(obs, options))])
-    for alone, outcome in zip(separate, merged):
-        assert not isinstance(outcome, Exception), outcome
-        for key in alone:
-            np.testing.assert_allclose(outcome[0][key], alone[key], rtol=0, atol=1e-5)
+    separate = assert_merged_equals_separate(policy, obs, options)
 
 
 def test_per_row_delays_and_prefix_lengths_equal_one_row_requests(policy: ModelPolicy) -> None:
@@ -230,16 +240,8 @@ def test_rtc_served_over_the_gr00t_wire(policy: ModelPolicy, serve) -> None:
 
 @pytest.fixture(scope="module")
 def conditioned_policy() -> ModelPolicy:
-    """A tiny policy trained with training-time RTC (``rtc_max_delay`` 4) for 30 steps."""
-    episodes = make_episodes(SPEC.modality_configs, SPEC.dims.state, SPEC.dims.action, n_episodes=4, length=20,
-                             image_hw=(24, 24))
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(episodes, SPEC.modality_configs, out,
-                          TrainConfig(max_steps=40, batch_size=8, progress=False, resume=False, save_steps=1000),
-                          architecture={**TINY, "rtc_max_delay": 4}, embodiment_tag="franka_panda")
-        losses = [trainer.train_step() for _ in range(30)]
-    assert all(np.isfinite(losses))
-    return ModelPolicy(trainer.model, trainer.bundle)
+    """The tiny policy trained with training-time RTC (``rtc_max_delay`` 4)."""
+    return trained({**TINY, "rtc_max_delay": 4})
 
 
 def test_per_step_flow_times_equal_one_time_per_chunk(policy: ModelPolicy) -> None:
@@ -305,12 +307,7 @@ def test_training_time_rtc_merged_equals_separate_and_delay_zero_is_plain(condit
     obs = [observation(2, seed=0), observation(1, seed=1)]
     options = [{"seed": 1, "rtc": rtc(committed(policy, obs[0], seed=5), delay=3)},
                {"seed": 2, "rtc": rtc(committed(policy, obs[1], seed=6), delay=0, max_guidance_weight=0.0)}]
-    separate = [policy.get_action(o, opts)[0] for o, opts in zip(obs, options)]
-    merged = policy.serve_batch([ActionRequest(o, opts, f"c{i}") for i, (o, opts) in enumerate(zip(obs, options))])
-    for alone, outcome in zip(separate, merged):
-        assert not isinstance(outcome, Exception), outcome
-        for key in alone:
-            np.testing.assert_allclose(outcome[0][key], alone[key], rtol=0, atol=1e-5)
+    separate = assert_merged_equals_separate(policy, obs, options)
     plain, _ = policy.get_action(obs[1], {"seed": 2})
     for key in plain:  # no frozen step and no guidance: the plain chunk
         np.testing.assert_allclose(separate[1][key], plain[key], rtol=0, atol=1e-6)
