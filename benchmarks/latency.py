@@ -156,8 +156,8 @@ def main() -> None:
     for task, cost in costs.items():
         how = (f"frozen steps conditioned up to d={cost['rtc_max_delay']} (training-time RTC)"
                if cost["rtc_max_delay"] else "guided (inference-time RTC)")
-        print(f"RTC request cost ({task} model, {how}, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain {cost['plain_ms_B1']} ms "
-              f"({cost['rtc_cost_B1']}x); B=8 {cost['rtc_ms_B8']} ms vs {cost['plain_ms_B8']} ms "
+        print(f"RTC request cost ({task} model, {how}, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain "
+              f"{cost['plain_ms_B1']} ms ({cost['rtc_cost_B1']}x); B=8 {cost['rtc_ms_B8']} ms vs {cost['plain_ms_B8']} ms "
               f"({cost['rtc_cost_B8']}x)")
     if args.json:
         with open(args.json, "w") as f:
