@@ -172,19 +172,20 @@ class FlowMatchingPolicyNet(nn.Module):
         """Integrate the flow from ``noise`` (B, H, A) with ``steps`` Euler steps; normalized chunk out.
 
         With ``guidance`` the chunk inpaints the guidance targets (real-time chunking, see :mod:`.rtc`): its
-        conditioned steps (``guidance.conditioned``, models trained with ``rtc_max_delay``) are held at the target
-        at flow time 1, its weighted steps are guided.
+        held steps (``guidance.held``, models trained with ``rtc_max_delay``) stay at the target at flow time 1,
+        its weighted steps are guided.
         """
         steps = steps or self.config.num_inference_steps
         memory = self.encode(video, state, text)
         x = noise
-        held = None if guidance is None else guidance.held(x.shape[1])  # (B, H) bool, or None
+        held = None if guidance is None else guidance.held  # (B, H) bool, or None
+        guided = guidance is not None and guidance.guides
         for i in range(steps):
             t = torch.full((x.shape[0],), i / steps, device=x.device)
             if held is not None:
                 x = torch.where(held.unsqueeze(-1), guidance.target, x)
                 t = torch.where(held, torch.ones_like(held, dtype=t.dtype), t.unsqueeze(1))
-            if guidance is None or not guidance.guides:
+            if not guided:
                 v = self.velocity(memory, x, t)
             else:
                 v = guided_velocity(lambda a, t=t: self.velocity(memory, a, t), x, i / steps, guidance)

@@ -188,30 +188,22 @@ class Guidance:
     """Per-row inpainting targets of one batched sampling call (rows without RTC have zero weights).
 
     ``target`` (B, H, A): normalized prefix, zero-padded; ``weights`` (B, H); ``max_weight`` (B,) = beta;
-    ``conditioned`` (B,) int: how many leading steps of each row are held at the target instead of guided
-    (training-time RTC; None: none).
+    ``held`` (B, H) bool: the steps held at the target instead of guided (training-time RTC; None: none).
     """
 
     target: Tensor
     weights: Tensor
     max_weight: Tensor
-    conditioned: Tensor | None = None
+    held: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Guidance:
         return Guidance(self.target.to(device), self.weights.to(device), self.max_weight.to(device),
-                        None if self.conditioned is None else self.conditioned.to(device))
+                        None if self.held is None else self.held.to(device))
 
     @property
     def guides(self) -> bool:
         """Whether any row has a guided step (a weight and beta above 0)."""
         return bool(((self.weights > 0).any(dim=1) & (self.max_weight > 0)).any())
-
-    def held(self, horizon: int) -> Tensor | None:
-        """(B, H) bool: the steps held at the target (the first ``conditioned[b]`` of row b); None when none."""
-        if self.conditioned is None or not bool((self.conditioned > 0).any()):
-            return None
-        steps = torch.arange(horizon, device=self.conditioned.device).unsqueeze(0)
-        return steps < self.conditioned.unsqueeze(1)
 
 
 def guidance_weight(t: float, max_weight: Tensor) -> Tensor:
@@ -251,7 +243,7 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
     target = np.zeros((batch, horizon, width), dtype=np.float32)
     weights = np.zeros((batch, horizon), dtype=np.float32)
     beta = np.zeros(batch, dtype=np.float32)
-    conditioned = np.zeros(batch, dtype=np.int64)
+    held = np.zeros((batch, horizon), dtype=bool)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -261,7 +253,8 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
             start += dim
         weights[i] = row.weights(horizon)
         beta[i] = row.max_guidance_weight
-        conditioned[i] = min(row.inference_delay[0], condition_limit)
-        weights[i, : conditioned[i]] = 0.0  # held exactly: nothing to guide
+        frozen = min(row.inference_delay[0], condition_limit)
+        held[i, :frozen] = True
+        weights[i, :frozen] = 0.0  # held exactly: nothing to guide
     return Guidance(torch.from_numpy(target), torch.from_numpy(weights), torch.from_numpy(beta),
-                    torch.from_numpy(conditioned) if conditioned.any() else None)
+                    torch.from_numpy(held) if held.any() else None)
