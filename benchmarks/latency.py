@@ -32,7 +32,8 @@ def cell(policy, envs, env_config, mode: str, delay: int, args: argparse.Namespa
     config = RolloutConfig(
         env=env_config,
         driver=DriverConfig(n_action_steps=args.n_action_steps, execution=mode, inference_delay_steps=delay,
-                            action_options={"seed": args.seed}, hold_zero_dims=FRANKA_DELTA_DIMS),
+                            action_options={"seed": args.seed}, hold_zero_dims=FRANKA_DELTA_DIMS,
+                            rtc_guidance=args.rtc_guidance, rtc_schedule=args.rtc_schedule),
         n_episodes=args.n_episodes, n_envs=args.n_envs, max_episode_steps=args.max_episode_steps, seed=args.seed,
         progress=False)
     start = time.perf_counter()
@@ -103,6 +104,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from policyserve.client.driver import DriverConfig
+    from policyserve.types import RTC_GUIDANCES, RTC_SCHEDULES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True, help="a policyserve checkpoint trained on Lift")
     parser.add_argument("--stack-model-path", default=None, help="also run Stack with this checkpoint")
@@ -110,6 +114,10 @@ def main() -> None:
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--modes", nargs="+", default=["sync", "async", "ensemble", "rtc"],
                         choices=("sync", "async", "ensemble", "rtc"))
+    parser.add_argument("--rtc-guidance", choices=RTC_GUIDANCES, default=DriverConfig.rtc_guidance,
+                        help="rtc cells: how the server guides the chunk (default %(default)s)")
+    parser.add_argument("--rtc-schedule", choices=RTC_SCHEDULES, default=DriverConfig.rtc_schedule,
+                        help="rtc cells: the soft-mask schedule (default %(default)s)")
     parser.add_argument("--n-episodes", type=int, default=50)
     parser.add_argument("--n-envs", type=int, default=1,
                         help="envs stepped together (1: every episode on the same env, identical across cells)")
@@ -148,15 +156,18 @@ def main() -> None:
         policy = _WORKER["policy"] if _WORKER else load_policy(path, device="cpu")  # loaded here once
         _WORKER.clear()
         image_size = policy.bundle.model_config.image_size
-        costs[task] = rtc_cost(policy, image_size, get_embodiment_spec("franka_panda"), [1, 8], args.cost_reps)
-        costs[task]["rtc_max_delay"] = policy.bundle.model_config.rtc_max_delay
+        for guidance in RTC_GUIDANCES:
+            cost = rtc_cost(policy, image_size, get_embodiment_spec("franka_panda"), [1, 8], args.cost_reps, guidance)
+            costs[f"{task} {guidance}"] = {**cost, "rtc_max_delay": policy.bundle.model_config.rtc_max_delay}
     print(f"\nexecution horizon s={args.n_action_steps}, {args.n_episodes} episodes per cell (seeds {args.seed}..."
-          f"{args.seed + args.n_episodes - 1}), max {args.max_episode_steps} steps, torch threads {args.threads}")
+          f"{args.seed + args.n_episodes - 1}), max {args.max_episode_steps} steps, torch threads {args.threads}, "
+          f"rtc guidance {args.rtc_guidance} with the {args.rtc_schedule} schedule")
     print_table(rows)
-    for task, cost in costs.items():
+    for name, cost in costs.items():
+        task, guidance = name.split()
         how = (f"frozen steps conditioned up to d={cost['rtc_max_delay']} (training-time RTC)"
-               if cost["rtc_max_delay"] else "guided (inference-time RTC)")
-        print(f"RTC request cost ({task} model, {how}, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain "
+               if cost["rtc_max_delay"] else "inference-time RTC")
+        print(f"RTC request cost ({task} model, {how}, {guidance} guidance, CPU): B=1 {cost['rtc_ms_B1']} ms vs plain "
               f"{cost['plain_ms_B1']} ms ({cost['rtc_cost_B1']}x); B=8 {cost['rtc_ms_B8']} ms vs {cost['plain_ms_B8']} ms "
               f"({cost['rtc_cost_B8']}x)")
     if args.json:

@@ -40,19 +40,24 @@ def observation(batch: int, image_size: int, spec) -> dict:
     }
 
 
-def rtc_options(policy: ModelPolicy, obs: dict, delay: int = 4, execution_horizon: int = 8) -> dict:
+def rtc_options(policy: ModelPolicy, obs: dict, delay: int = 4, execution_horizon: int = 8,
+                guidance: str = "vjp") -> dict:
     """Options of an RTC request whose committed prefix is the remainder of a previous chunk."""
     previous, _ = policy.get_action(obs, {"seed": 1})
     prefix = {k: v[:, execution_horizon:] for k, v in previous.items()}
-    return {"seed": 0, "rtc": {"prefix": prefix, "inference_delay": delay, "execution_horizon": execution_horizon}}
+    return {"seed": 0, "rtc": {"prefix": prefix, "inference_delay": delay, "execution_horizon": execution_horizon,
+                               "guidance": guidance}}
 
 
-def rtc_cost(policy: ModelPolicy, image_size: int, spec, batch_sizes: list[int], reps: int) -> dict[str, float]:
-    """Median latency of an RTC request and of a plain one, and their ratio, per batch size."""
+def rtc_cost(policy: ModelPolicy, image_size: int, spec, batch_sizes: list[int], reps: int,
+             guidance: str = "vjp") -> dict[str, float]:
+    """Median latency of an RTC request (guided with ``guidance``) and of a plain one, and their ratio, per batch
+    size."""
     row: dict[str, float] = {}
     for batch in batch_sizes:
         obs = observation(batch, image_size, spec)
-        plain, guided = paired_latency_ms(policy, obs, reps, {"seed": 0}, rtc_options(policy, obs))
+        plain, guided = paired_latency_ms(policy, obs, reps, {"seed": 0},
+                                          rtc_options(policy, obs, guidance=guidance))
         row.update({f"plain_ms_B{batch}": round(plain, 1), f"rtc_ms_B{batch}": round(guided, 1),
                     f"rtc_cost_B{batch}": round(guided / plain, 2)})
     return row

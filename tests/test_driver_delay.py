@@ -107,10 +107,12 @@ def test_ensemble_mode_mixes_in_a_chunk_first_at_t_plus_d(delay: int) -> None:
         np.testing.assert_allclose(actions[tau, 0], [tau, expected], rtol=1e-6)
 
 
-def test_rtc_sends_each_env_its_committed_actions_the_delay_and_the_horizon() -> None:
+@pytest.mark.parametrize(("guidance", "schedule"), [(None, None), ("vjp", "exp")])
+def test_rtc_sends_each_env_its_committed_actions_the_delay_and_the_horizon(guidance, schedule) -> None:
     delay = 3
     policy = InpaintingStepIndexPolicy(H)
-    run(driver(policy, "rtc", delay, n_envs=2), 13)
+    chosen = {} if guidance is None else {"rtc_guidance": guidance, "rtc_schedule": schedule}
+    run(driver(policy, "rtc", delay, n_envs=2, **chosen), 13)
     assert policy.rtc[0] is None  # nothing committed before the first chunk
     for k, option in enumerate(policy.rtc[1:], start=1):
         previous = (k - 1) * S  # the chunk being executed was computed at the previous query's step
@@ -119,6 +121,15 @@ def test_rtc_sends_each_env_its_committed_actions_the_delay_and_the_horizon() ->
         np.testing.assert_array_equal(option["prefix"]["a"], [expected, expected])
         assert option["inference_delay"] == [delay, delay] and option["prefix_length"] == [H - S, H - S]
         assert option["execution_horizon"] == S
+        assert (option["guidance"], option["schedule"]) == (guidance or "identity", schedule or "linear")
+
+
+@pytest.mark.parametrize(("field", "value"), [("rtc_guidance", "newton"), ("rtc_schedule", "cosine")])
+def test_driver_config_refuses_an_unknown_rtc_guidance_or_schedule(field: str, value: str) -> None:
+    from policyserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{field} must be one of .* got '{value}'"):
+        DriverConfig(execution="rtc", **{field: value})
 
 
 @pytest.mark.parametrize("ensemble_coef", [None, 0.1])
@@ -177,8 +188,20 @@ def test_smoothness_separates_chunk_boundaries_from_chunk_interiors() -> None:
     actions, sources = run(driver(StepIndexPolicy(H), "async", delay), 24)
     jerk = smoothness(actions[:, 0], sources[0])
     assert jerk.inner == 0.0  # inside a chunk the actions are linear in the step
-    assert jerk.boundary > 0  # at a switch the chunk position jumps back by S - delay ... and hold -> chunk
+    assert jerk.boundary > 0  # at a switch the chunk position jumps back by S - delay
     assert np.isnan(jerk.ratio) or jerk.ratio > 1
+
+
+def test_smoothness_leaves_out_the_start_from_rest_but_counts_holds_between_chunks() -> None:
+    """At rest for 3 steps while the first query is answered (not a chunk boundary, the same in every mode), then
+    chunk 0, a 2-step hold (sync waiting: counted), chunk 1."""
+    actions = np.array([0, 0, 0, 5, 6, 7, 8, 9, 9, 9, 10], dtype=float)[:, None]
+    sources = [-1, -1, -1, 0, 0, 0, 0, 0, -2, -2, 1]
+    jerk = smoothness(actions, sources)
+    # Second differences from step 3 on: 0, 0, 0 inside chunk 0; -1, 0, 1 around the hold.
+    assert jerk.inner == 0.0 and jerk.boundary == pytest.approx(2 / 3)
+    never = smoothness(np.zeros((5, 1)), [-1] * 5)
+    assert np.isnan(never.boundary) and np.isnan(never.inner)
 
 
 def test_rollout_reports_smoothness_and_zero_delay_sync_reproduces_it_bit_for_bit() -> None:
@@ -207,3 +230,22 @@ def test_rollout_reports_smoothness_and_zero_delay_sync_reproduces_it_bit_for_bi
         assert report["jerk_boundary"] is not None and report["jerk_inner"] is not None
         assert all(e["jerk_boundary"] is not None for e in report["episodes"])
     assert [e["return"] for e in delayed["episodes"]] != [e["return"] for e in wall["episodes"]]
+
+
+def test_rollout_flags_choose_the_rtc_guidance_and_schedule() -> None:
+    """``--rtc-guidance``/``--rtc-schedule`` reach the DriverConfig; without them its defaults hold."""
+    import argparse
+
+    from policyserve.cli.common import EvalFlags
+    from policyserve.eval.rollout import RolloutConfig
+
+    defaults = RolloutConfig()
+    parser = argparse.ArgumentParser()
+    flags = EvalFlags(parser, defaults.env, defaults.driver)
+    chosen = flags.driver_config(parser.parse_args(["--execution", "rtc", "--rtc-guidance", "vjp",
+                                                    "--rtc-schedule", "exp"]), 0)
+    assert (chosen.execution, chosen.rtc_guidance, chosen.rtc_schedule) == ("rtc", "vjp", "exp")
+    default = flags.driver_config(parser.parse_args(["--execution", "rtc"]), 0)
+    assert (default.rtc_guidance, default.rtc_schedule) == (DriverConfig.rtc_guidance, DriverConfig.rtc_schedule)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rtc-guidance", "newton"])

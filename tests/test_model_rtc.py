@@ -98,11 +98,12 @@ def test_guidance_weight_is_clipped_at_beta() -> None:
     assert at_half.tolist() == [2.0, 0.0, 2.0]
 
 
-def test_beta_zero_equals_a_plain_call(policy: ModelPolicy) -> None:
+@pytest.mark.parametrize("guidance", ["vjp", "identity"])
+def test_beta_zero_equals_a_plain_call(policy: ModelPolicy, guidance: str) -> None:
     obs = observation(3)
     prefix = committed(policy, obs, seed=2)
     plain, _ = policy.get_action(obs, {"seed": 1})
-    guided, _ = policy.get_action(obs, {"seed": 1, "rtc": rtc(prefix, max_guidance_weight=0.0)})
+    guided, _ = policy.get_action(obs, {"seed": 1, "rtc": rtc(prefix, max_guidance_weight=0.0, guidance=guidance)})
     for key in plain:
         np.testing.assert_allclose(guided[key], plain[key], rtol=0, atol=1e-5)
 
@@ -118,6 +119,27 @@ def test_rtc_output_follows_the_committed_prefix_on_the_frozen_steps(policy: Mod
     plain_error = np.abs(normalized(policy, plain)[:, :D] - target).max()
     assert guided_error <= FROZEN_TOLERANCE, (guided_error, plain_error)
     assert plain_error > 5 * FROZEN_TOLERANCE  # the seeds were chosen so that the plain chunk disagrees
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear"])
+def test_identity_guidance_lands_on_the_frozen_steps_and_blends_into_the_soft_ones(policy: ModelPolicy,
+                                                                                   schedule: str) -> None:
+    """With the Jacobian taken as the identity the frozen steps equal the prefix (to float precision: the last
+    Euler step carries the predicted chunk onto the target), and the soft-mask steps lie nearer the prefix
+    than the plain chunk does, the nearer the larger their weight."""
+    obs = observation(3)
+    prefix = committed(policy, obs, seed=2)
+    plain, _ = policy.get_action(obs, {"seed": 1})
+    guided, _ = policy.get_action(obs, {"seed": 1, "rtc": rtc(prefix, schedule=schedule, guidance="identity")})
+    target, out, free = normalized(policy, prefix), normalized(policy, guided), normalized(policy, plain)
+    np.testing.assert_allclose(out[:, :D], target[:, :D], rtol=0, atol=1e-4)
+    weights = soft_mask(H, D, S, H - S, schedule)
+    soft = slice(D, H - S)
+    guided_error = np.abs(out[:, soft] - target[:, soft]).mean(axis=(0, 2))
+    plain_error = np.abs(free[:, soft] - target[:, soft]).mean(axis=(0, 2))
+    assert np.all(guided_error < plain_error), (guided_error, plain_error)
+    ratio = guided_error / plain_error
+    assert np.all(np.diff(ratio) > 0), (ratio, weights[soft])  # weights fall along the soft steps
 
 
 def assert_merged_equals_separate(policy: ModelPolicy, obs: list[dict], options: list[dict]) -> list[dict]:
@@ -139,9 +161,11 @@ def test_merged_rtc_requests_equal_separate_ones(policy: ModelPolicy) -> None:
         {"seed": 2},
         {"seed": 3, "rtc": rtc({k: v[:, :6] for k, v in committed(policy, obs[2], seed=6).items()}, delay=4,
                                horizon=10, schedule="linear")},
+        {"seed": 4, "rtc": rtc(committed(policy, obs[1], seed=7), delay=2, guidance="identity")},
     ]
+    obs.append(observation(1, seed=1))
     assert len({merge_key(o, policy.row_options) for o in options}) == 1  # the scheduler merges them
-    separate = assert_merged_equals_separate(policy, obs, options)
+    assert_merged_equals_separate(policy, obs, options)
 
 
 def test_per_row_delays_and_prefix_lengths_equal_one_row_requests(policy: ModelPolicy) -> None:
@@ -196,6 +220,7 @@ BAD_OPTIONS = [
     (lambda p: rtc(p, horizon=H + 1), "execution_horizon"),
     (lambda p: rtc(p, max_guidance_weight=-1.0), "max_guidance_weight"),
     (lambda p: rtc(p, schedule="cosine"), "options.rtc['schedule']: expected one of ['exp', 'linear']"),
+    (lambda p: rtc(p, guidance="newton"), "options.rtc['guidance']: expected one of ['vjp', 'identity']"),
     (lambda p: [rtc(p)] * 2, "options['rtc']: expected one value per batch row (1), got a list of 2"),
     (lambda p: "prefix", "options['rtc']: expected a map with keys prefix"),
 ]

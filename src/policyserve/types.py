@@ -168,6 +168,12 @@ class EmbodimentTag(Enum):
 
 MODALITIES = ("video", "state", "action", "language")
 
+RTC_SCHEDULES = ("exp", "linear")
+"""Soft-mask schedules of a real-time-chunking request (``options["rtc"]["schedule"]``; the first is the default)."""
+RTC_GUIDANCES = ("vjp", "identity")
+"""How a real-time-chunking request is guided (``options["rtc"]["guidance"]``): the paper's vector-Jacobian
+product, or the Jacobian taken as the identity (:mod:`policyserve.model.rtc`); the first is the default."""
+
 
 @dataclass
 class ModalityDims:

@@ -68,7 +68,7 @@ class EvalFlags:
     ENV_FIELDS = ("task",)
     SIM_FIELDS = ("camera_size",)
     DRIVER_FIELDS = ("n_action_steps", "ensemble_coef", "async_inference", "async_threshold", "execution",
-                     "inference_delay_steps")
+                     "inference_delay_steps", "rtc_guidance", "rtc_schedule")
 
     def __init__(self, parser: argparse.ArgumentParser, env: Any, driver: Any) -> None:
         self.env_defaults = env
@@ -83,9 +83,12 @@ class EvalFlags:
                                                 f"{'x'.join(map(str, env.camera_size))}; a size other than the one "
                                                 "the policy declares gives a warning."))
         from ..client.driver import EXECUTION_MODES
+        from ..types import RTC_GUIDANCES, RTC_SCHEDULES
 
         self.driver_dests = add_config_flags(parser, driver, self.DRIVER_FIELDS,
-                                             execution=Flag(choices=EXECUTION_MODES))
+                                             execution=Flag(choices=EXECUTION_MODES),
+                                             rtc_guidance=Flag(choices=RTC_GUIDANCES),
+                                             rtc_schedule=Flag(choices=RTC_SCHEDULES))
         parser.add_argument("--key-map", default=None, metavar="FILE",
                             help="JSON key map {video: {policy_key: env_key}, state: {...}, language: env_key}")
         parser.add_argument("--map", action="append", default=[], metavar="M.POLICY=ENV",

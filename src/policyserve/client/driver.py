@@ -36,8 +36,8 @@ One query is in flight at a time; a query goes out when an env has used its ``n_
 - ``ensemble``: as ``async``, every action the weighted mean of the chunks that predicted it
   (``ensemble_coef``, default 0.01).
 - ``rtc``: as ``async``, and each query carries every env's committed actions (the rest of its current
-  chunk), the delay and ``n_action_steps`` as the execution horizon (``options["rtc"]``), so the server
-  inpaints the new chunk to continue them (real-time chunking). A policy without the ``"rtc"`` capability,
+  chunk), the delay, ``n_action_steps`` as the execution horizon, and ``rtc_guidance`` and ``rtc_schedule``
+  (``options["rtc"]``), so the server inpaints the new chunk to continue them (real-time chunking). A policy without the ``"rtc"`` capability,
   or a server that refuses the option, makes the driver fall back to ``async`` with one warning.
 
 With ``inference_delay_steps=None`` (wall clock), ``async``/``ensemble``/``rtc`` run the query on a worker
@@ -62,6 +62,7 @@ import numpy as np
 
 from ..errors import ConfigError, ServerError, ValidationError
 from ..policies.base import BasePolicy
+from ..types import RTC_GUIDANCES, RTC_SCHEDULES
 from .adapter import EnvPolicyAdapter, to_numpy
 from .chunking import ActionChunker, ChunkingConfig
 from .connect import connect_policy
@@ -98,6 +99,13 @@ class DriverConfig:
     """Action dims set to 0 while an env holds still (delta commands); the others repeat the last action."""
     control_period_s: float | None = None
     """Wall clock, rtc: the env's control period for estimating the delay (default: measured between acts)."""
+    rtc_guidance: str = "identity"
+    """rtc: how the server guides the new chunk towards the committed actions: ``identity`` (the Jacobian taken as
+    the identity: the committed actions are followed however confident the model is, and no backward pass) or
+    ``vjp`` (the paper's vector-Jacobian product, which a confident model barely follows). Measured on Lift in the
+    README."""
+    rtc_schedule: str = "linear"
+    """rtc: how the soft-mask weights decay after the frozen steps: ``linear`` or ``exp`` (the paper's)."""
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTION_MODES:
@@ -111,6 +119,9 @@ class DriverConfig:
             raise ConfigError(f"inference_delay_steps must be an integer >= 0 or None, got {delay!r}")
         if delay is None and self.execution != "sync":
             self.async_inference = True
+        for name, choices in (("rtc_guidance", RTC_GUIDANCES), ("rtc_schedule", RTC_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.control_period_s is not None and not self.control_period_s > 0:
             raise ConfigError(f"control_period_s must be > 0, got {self.control_period_s!r}")
         self.hold_zero_dims = tuple(int(d) for d in self.hold_zero_dims)
@@ -423,7 +434,8 @@ class PolicyDriver:
                 prefix[key][i, : len(actions)] = actions[:, start : start + dim]
                 start += dim
         return {"prefix": prefix, "inference_delay": [min(delay, n) for n in lengths], "prefix_length": lengths,
-                "execution_horizon": min(self._window or self.config.n_action_steps, self._horizon)}
+                "execution_horizon": min(self._window or self.config.n_action_steps, self._horizon),
+                "guidance": self.config.rtc_guidance, "schedule": self.config.rtc_schedule}
 
     def _delay_steps(self, limit: int) -> int:
         """The delay in env steps: ``inference_delay_steps``, or round trip over control period (wall clock)."""

@@ -5,6 +5,10 @@ The jerk at step t is the L2 norm of the executed actions' second difference,
 the same source (one policy reply, or one stretch of holding still while waiting for a reply), an
 *inner* step otherwise. ``J_B`` and ``J_I`` are the means over an episode's boundary and inner steps; a
 client that jumps at chunk boundaries has ``J_B / J_I`` well above 1.
+
+Steps before the episode's first reply (the robot at rest while its first query is answered, the same in
+every execution mode with an inference delay) are not counted: the start from rest is not a boundary between
+two chunks. Holding still later in the episode (sync waiting for a reply) is.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class Smoothness:
 
 
 def smoothness(actions: np.ndarray | Sequence[np.ndarray], sources: Sequence[int]) -> Smoothness:
-    """J_B and J_I of executed ``actions`` (T, D), where ``sources[t]`` identifies what produced action t."""
+    """J_B and J_I of executed ``actions`` (T, D), where ``sources[t]`` identifies what produced action t
+    (a reply's number, >= 0, or a negative number for a stretch of holding still)."""
     actions = np.asarray(actions, dtype=np.float64)
     src = np.asarray(sources)
     if actions.ndim != 2 or len(src) != len(actions):
@@ -50,7 +55,9 @@ def smoothness(actions: np.ndarray | Sequence[np.ndarray], sources: Sequence[int
         return Smoothness(math.nan, math.nan)
     jerk = np.linalg.norm(actions[2:] - 2 * actions[1:-1] + actions[:-2], axis=1)
     inner = (src[:-2] == src[1:-1]) & (src[1:-1] == src[2:])
-    return Smoothness(_mean(jerk[~inner]), _mean(jerk[inner]))
+    replied = np.flatnonzero(src >= 0)
+    counted = np.arange(len(jerk)) >= (replied[0] if len(replied) else len(src))  # from the first reply on
+    return Smoothness(_mean(jerk[counted & ~inner]), _mean(jerk[counted & inner]))
 
 
 def _mean(values: np.ndarray | list[float]) -> float:

@@ -8,16 +8,22 @@ overlapping steps are pulled towards the prefix with soft weights that decay to 
 by the vector-Jacobian product of the weighted error between the prefix and the predicted final chunk
 (pseudoinverse guidance), with the guidance weight clipped at ``max_guidance_weight`` (beta).
 
+Pseudoinverse guidance moves a sample only as far as the model is unsure of it: a confident
+(near-deterministic) denoiser has a small Jacobian and barely follows the prefix. ``"guidance": "identity"``
+takes the Jacobian of the predicted chunk as the identity instead: every denoising step then moves the
+predicted chunk a fraction ``W`` (the soft-mask weight) of the way to the target, with the velocity
+``W (target - x1_hat) / (1 - t)`` clipped at beta, so frozen steps land on the prefix and the soft-mask steps
+blend from the prefix into the model's own chunk; it needs no backward pass.
+
 A model trained with training-time RTC (``ModelConfig.rtc_max_delay``, Black et al. 2025, arXiv 2512.05964)
 is instead conditioned on the frozen steps: they are held at the prefix, at flow time 1, throughout
-sampling (up to ``rtc_max_delay`` of them), and only the soft-mask steps after them are guided. Pseudoinverse
-guidance moves a sample only as far as the model is unsure of it: a confident (near-deterministic) denoiser
-has a small Jacobian and barely follows the prefix, while conditioning is exact.
+sampling (up to ``rtc_max_delay`` of them), and only the soft-mask steps after them are guided.
 
 The served option, per request (``prefix`` in the policy's un-normalized action space)::
 
     options={"rtc": {"prefix": {action_key: (B, P, D)}, "inference_delay": d, "execution_horizon": s,
-                     "max_guidance_weight": 5.0, "schedule": "exp", "prefix_length": [P_0, ...]}}
+                     "max_guidance_weight": 5.0, "schedule": "exp", "guidance": "vjp",
+                     "prefix_length": [P_0, ...]}}
 
 ``inference_delay`` may be one int or one per row; the optional ``prefix_length`` (one int per row,
 0 to P) says how much of each row's zero-padded prefix is committed, 0 meaning "no prefix: sample as usual".
@@ -38,14 +44,16 @@ import torch
 from torch import Tensor
 
 from ..errors import ValidationError
+from ..types import RTC_GUIDANCES, RTC_SCHEDULES
 
 RTC_OPTION = "rtc"
 """The ``get_action`` option key that asks for real-time chunking."""
-SCHEDULES = ("exp", "linear")
+SCHEDULES = RTC_SCHEDULES
+GUIDANCES = RTC_GUIDANCES
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
 """The paper's beta."""
 _REQUIRED = ("prefix", "inference_delay", "execution_horizon")
-_OPTIONAL = ("max_guidance_weight", "schedule", "prefix_length")
+_OPTIONAL = ("max_guidance_weight", "schedule", "guidance", "prefix_length")
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class RTCRequest:
     schedule: str = "exp"
     prefix_lengths: list[int] | None = None
     """Committed steps per row (None: all P)."""
+    guidance: str = "vjp"
+    """How the velocity is corrected: one of :data:`GUIDANCES`."""
 
     @property
     def prefix_length(self) -> int:
@@ -134,7 +144,10 @@ class RTCRequest:
         schedule = value.get("schedule", "exp")
         if schedule not in SCHEDULES:
             raise ValidationError("options.rtc", "schedule", f"one of {list(SCHEDULES)}", repr(schedule))
-        return cls(arrays, delays, horizon_s, float(beta), str(schedule), lengths)
+        guidance = value.get("guidance", "vjp")
+        if guidance not in GUIDANCES:
+            raise ValidationError("options.rtc", "guidance", f"one of {list(GUIDANCES)}", repr(guidance))
+        return cls(arrays, delays, horizon_s, float(beta), str(schedule), lengths, str(guidance))
 
     def row(self, index: int) -> RTCRequest | None:
         """The same request restricted to batch row ``index`` (prefix arrays (1, L, D), L its committed
@@ -144,7 +157,7 @@ class RTCRequest:
             return None
         return RTCRequest({k: v[index : index + 1, :length] for k, v in self.prefix.items()},
                           [self.inference_delay[index]], self.execution_horizon, self.max_guidance_weight,
-                          self.schedule)
+                          self.schedule, guidance=self.guidance)
 
     def weights(self, horizon: int) -> np.ndarray:
         """The soft mask (H,) of a one-row request, see :func:`soft_mask`."""
@@ -188,17 +201,19 @@ class Guidance:
     """Per-row inpainting targets of one batched sampling call (rows without RTC have zero weights).
 
     ``target`` (B, H, A): normalized prefix, zero-padded; ``weights`` (B, H); ``max_weight`` (B,) = beta;
-    ``held`` (B, H) bool: the steps held at the target instead of guided (training-time RTC; None: none).
+    ``held`` (B, H) bool: the steps held at the target instead of guided (training-time RTC; None: none);
+    ``identity`` (B,) bool: the rows guided with the Jacobian taken as the identity (None: none).
     """
 
     target: Tensor
     weights: Tensor
     max_weight: Tensor
     held: Tensor | None = None
+    identity: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Guidance:
         return Guidance(self.target.to(device), self.weights.to(device), self.max_weight.to(device),
-                        None if self.held is None else self.held.to(device))
+                        *(None if t is None else t.to(device) for t in (self.held, self.identity)))
 
     @property
     def guides(self) -> bool:
@@ -217,15 +232,26 @@ def guided_velocity(velocity: Callable[[Tensor], Tensor], x: Tensor, t: float, g
     """``v(x) + w(t) * J^T diag(W) (target - x1_hat)``, where ``x1_hat = x + (1 - t) v(x)`` is the predicted chunk.
 
     ``velocity`` maps noisy chunks (B, H, A) at flow time ``t`` to velocities; the correction moves the
-    predicted chunk towards ``guidance.target`` on the weighted steps.
+    predicted chunk towards ``guidance.target`` on the weighted steps. Rows in ``guidance.identity`` take J as
+    the identity, with ``w(t) = min(beta, 1 / (1 - t))``.
     """
+    identity = guidance.identity
+    beta = guidance.max_weight.view(-1, 1, 1)
+    if identity is not None and bool(identity.all()):
+        v = velocity(x)
+        error = (guidance.target - (x + (1.0 - t) * v)) * guidance.weights.unsqueeze(-1)
+        return v + torch.clamp(beta, max=1.0 / (1.0 - t)) * error
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         v = velocity(xg)
         predicted = xg + (1.0 - t) * v
         error = (guidance.target - predicted.detach()) * guidance.weights.unsqueeze(-1)
         (correction,) = torch.autograd.grad(predicted, xg, error)
-    return v.detach() + guidance_weight(t, guidance.max_weight).view(-1, 1, 1) * correction
+    corrected = v.detach() + guidance_weight(t, guidance.max_weight).view(-1, 1, 1) * correction
+    if identity is None:
+        return corrected
+    plain = v.detach() + torch.clamp(beta, max=1.0 / (1.0 - t)) * error
+    return torch.where(identity.view(-1, 1, 1), plain, corrected)
 
 
 def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Callable[[str, np.ndarray], np.ndarray],
@@ -244,6 +270,7 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
     weights = np.zeros((batch, horizon), dtype=np.float32)
     beta = np.zeros(batch, dtype=np.float32)
     held = np.zeros((batch, horizon), dtype=bool)
+    identity = np.zeros(batch, dtype=bool)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -253,8 +280,10 @@ def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Calla
             start += dim
         weights[i] = row.weights(horizon)
         beta[i] = row.max_guidance_weight
+        identity[i] = row.guidance == "identity"
         frozen = min(row.inference_delay[0], condition_limit)
         held[i, :frozen] = True
         weights[i, :frozen] = 0.0  # held exactly: nothing to guide
     return Guidance(torch.from_numpy(target), torch.from_numpy(weights), torch.from_numpy(beta),
-                    torch.from_numpy(held) if held.any() else None)
+                    torch.from_numpy(held) if held.any() else None,
+                    torch.from_numpy(identity) if identity.any() else None)
