@@ -336,3 +336,35 @@ def test_training_time_rtc_merged_equals_separate_and_delay_zero_is_plain(condit
     plain, _ = policy.get_action(obs[1], {"seed": 2})
     for key in plain:  # no frozen step and no guidance: the plain chunk
         np.testing.assert_allclose(separate[1][key], plain[key], rtol=0, atol=1e-6)
+
+
+def test_a_driver_runs_rtc_against_the_served_model(policy: ModelPolicy, serve) -> None:
+    """PolicyDriver in rtc mode (sim-time delay) against the trained policy served on loopback: no fallback, the
+    same executed actions as with the policy in process, and the chosen guidance reaches the server."""
+    import warnings
+
+    from policyserve import DriverConfig, PolicyDriver
+
+    rng = np.random.default_rng(0)
+    frames = [{"table_cam": rng.integers(0, 255, (2, 24, 24, 3), dtype=np.uint8),
+               "wrist_cam": rng.integers(0, 255, (2, 24, 24, 3), dtype=np.uint8),
+               **{k: rng.normal(size=(2, d)).astype(np.float32) for k, d in SPEC.dims.state.items()},
+               "task": [TASKS[0], TASKS[1]]} for _ in range(3 * S)]
+
+    def executed(target, guidance: str) -> np.ndarray:
+        driver = PolicyDriver(target, 2, DriverConfig(n_action_steps=S, execution="rtc", inference_delay_steps=D,
+                                                      action_options={"seed": 0}, rtc_guidance=guidance),
+                             action_dim=sum(SPEC.dims.action.values()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to async would warn
+            actions = np.stack([np.asarray(driver.act(obs)) for obs in frames])
+        assert driver.execution == "rtc"
+        return actions
+
+    client = serve(policy).client
+    served = executed(client, "identity")
+    np.testing.assert_allclose(served, executed(policy, "identity"), rtol=0, atol=1e-5)
+    paper = executed(client, "vjp")
+    first_rtc_step = S + D  # the second query (step S, the first with a committed prefix) answers at S + D
+    np.testing.assert_array_equal(served[:first_rtc_step], paper[:first_rtc_step])
+    assert np.abs(served[first_rtc_step:] - paper[first_rtc_step:]).max() > 1e-3
