@@ -37,8 +37,9 @@ One query is in flight at a time; a query goes out when an env has used its ``n_
   (``ensemble_coef``, default 0.01).
 - ``rtc``: as ``async``, and each query carries every env's committed actions (the rest of its current
   chunk), the delay, ``n_action_steps`` as the execution horizon, and ``rtc_guidance`` and ``rtc_schedule``
-  (``options["rtc"]``), so the server inpaints the new chunk to continue them (real-time chunking). A policy without the ``"rtc"`` capability,
-  or a server that refuses the option, makes the driver fall back to ``async`` with one warning.
+  (``options["rtc"]``), so the server inpaints the new chunk to continue them (real-time chunking). A policy
+  without the ``"rtc"`` capability, or a server that refuses the option, makes the driver fall back to
+  ``async`` with one warning.
 
 With ``inference_delay_steps=None`` (wall clock), ``async``/``ensemble``/``rtc`` run the query on a worker
 thread (``async_inference``); ``rtc`` then sends the delay estimated as the measured round trip over the

@@ -48,8 +48,6 @@ from ..types import RTC_GUIDANCES, RTC_SCHEDULES
 
 RTC_OPTION = "rtc"
 """The ``get_action`` option key that asks for real-time chunking."""
-SCHEDULES = RTC_SCHEDULES
-GUIDANCES = RTC_GUIDANCES
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
 """The paper's beta."""
 _REQUIRED = ("prefix", "inference_delay", "execution_horizon")
@@ -71,7 +69,7 @@ class RTCRequest:
     prefix_lengths: list[int] | None = None
     """Committed steps per row (None: all P)."""
     guidance: str = "vjp"
-    """How the velocity is corrected: one of :data:`GUIDANCES`."""
+    """How the velocity is corrected: one of :data:`RTC_GUIDANCES`."""
 
     @property
     def prefix_length(self) -> int:
@@ -142,11 +140,11 @@ class RTCRequest:
                 or not math.isfinite(beta) or beta < 0:
             raise ValidationError("options.rtc", "max_guidance_weight", "a finite number >= 0", repr(beta))
         schedule = value.get("schedule", "exp")
-        if schedule not in SCHEDULES:
-            raise ValidationError("options.rtc", "schedule", f"one of {list(SCHEDULES)}", repr(schedule))
+        if schedule not in RTC_SCHEDULES:
+            raise ValidationError("options.rtc", "schedule", f"one of {list(RTC_SCHEDULES)}", repr(schedule))
         guidance = value.get("guidance", "vjp")
-        if guidance not in GUIDANCES:
-            raise ValidationError("options.rtc", "guidance", f"one of {list(GUIDANCES)}", repr(guidance))
+        if guidance not in RTC_GUIDANCES:
+            raise ValidationError("options.rtc", "guidance", f"one of {list(RTC_GUIDANCES)}", repr(guidance))
         return cls(arrays, delays, horizon_s, float(beta), str(schedule), lengths, str(guidance))
 
     def row(self, index: int) -> RTCRequest | None:
@@ -185,8 +183,8 @@ def soft_mask(horizon: int, delay: int, execution_horizon: int, prefix_length: i
     at step ``end = min(H - execution_horizon, prefix_length)`` (``"exp"``: ``c (e^c - 1) / (e - 1)``,
     ``"linear"``: ``c``, with ``c = (end - i) / (end - delay + 1)``); 0 from ``end`` on (no target there).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule not in RTC_SCHEDULES:
+        raise ValueError(f"schedule must be one of {RTC_SCHEDULES}, got {schedule!r}")
     weights = np.zeros(horizon, dtype=np.float32)
     weights[:delay] = 1.0
     end = min(horizon - execution_horizon, prefix_length)
@@ -236,22 +234,26 @@ def guided_velocity(velocity: Callable[[Tensor], Tensor], x: Tensor, t: float, g
     the identity, with ``w(t) = min(beta, 1 / (1 - t))``.
     """
     identity = guidance.identity
-    beta = guidance.max_weight.view(-1, 1, 1)
-    if identity is not None and bool(identity.all()):
+    if identity is not None and bool(identity.all()):  # no row needs the Jacobian: no backward pass
         v = velocity(x)
-        error = (guidance.target - (x + (1.0 - t) * v)) * guidance.weights.unsqueeze(-1)
-        return v + torch.clamp(beta, max=1.0 / (1.0 - t)) * error
+        return v + _identity_correction(x, v, t, guidance)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         v = velocity(xg)
         predicted = xg + (1.0 - t) * v
         error = (guidance.target - predicted.detach()) * guidance.weights.unsqueeze(-1)
         (correction,) = torch.autograd.grad(predicted, xg, error)
-    corrected = v.detach() + guidance_weight(t, guidance.max_weight).view(-1, 1, 1) * correction
+    v = v.detach()
+    corrected = v + guidance_weight(t, guidance.max_weight).view(-1, 1, 1) * correction
     if identity is None:
         return corrected
-    plain = v.detach() + torch.clamp(beta, max=1.0 / (1.0 - t)) * error
-    return torch.where(identity.view(-1, 1, 1), plain, corrected)
+    return torch.where(identity.view(-1, 1, 1), v + _identity_correction(x, v, t, guidance), corrected)
+
+
+def _identity_correction(x: Tensor, v: Tensor, t: float, guidance: Guidance) -> Tensor:
+    """``min(beta, 1 / (1 - t)) * diag(W) (target - x1_hat)``: the correction with J taken as the identity."""
+    error = (guidance.target - (x + (1.0 - t) * v)) * guidance.weights.unsqueeze(-1)
+    return torch.clamp(guidance.max_weight.view(-1, 1, 1), max=1.0 / (1.0 - t)) * error
 
 
 def build_guidance(rows: list[RTCRequest | None], horizon: int, normalize: Callable[[str, np.ndarray], np.ndarray],
